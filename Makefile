@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    venv + install + quickstart sweep + report
+#   make test   venv + install + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# tensorflow[and-cuda] where an NVIDIA driver answers, tensorflow-cpu elsewhere
+EXTRA  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+SWEEP  ?= sweeps/quickstart.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast venv clean
+
+$(BIN)/harness: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	touch $@
+
+venv: $(BIN)/harness
+
+run: venv
+	$(BIN)/harness sweep $(SWEEP)
+	$(BIN)/harness report --sweep $$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(SWEEP)'))['name'])")
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,143 @@
+"""Thin click CLI: parse, call one plain function, map user errors to one line and exit code 2.
+
+Only this module decides exit codes: 0 ok, 1 some runs failed, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from harness import __version__
+from harness.errors import UserError
+from harness.store import DEFAULT_STORE
+
+EXIT_RUNS_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            click.echo(f"harness: error: {exc.one_line()}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("harness: interrupted; finished runs are stored, re-run to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+store_option = click.option(
+    "--store", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STORE,
+    show_default=True, help="SQLite results store.",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="harness")
+def cli() -> None:
+    """Seeded architecture sweeps for Keras models: train, store, compare."""
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--seeds", type=int, default=None, help="Override the seed count (seeds 0..N-1).")
+@click.option("--epochs", type=int, default=None, help="Override every variant's epochs.")
+@click.option("--subset", default=None, metavar="TRAIN[:TEST]", help="Train on a stratified subset.")
+@store_option
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding mnist.npz / idx files (default: $HARNESS_DATA_DIR).")
+@click.option("--rerun-failed", is_flag=True, help="Train failed runs again.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and train nothing.")
+@_user_errors
+def sweep(
+    sweep_file: Path,
+    seeds: int | None,
+    epochs: int | None,
+    subset: str | None,
+    store_path: Path,
+    data_dir: Path | None,
+    rerun_failed: bool,
+    dry_run: bool,
+) -> None:
+    """Train every variant x seed of SWEEP_FILE that the store does not hold yet."""
+    from harness.spec import load_sweep, parse_subset
+    from harness.store import SQLiteStore
+    from harness.sweep import format_plan, prepare_sweep, run_sweep
+
+    spec = load_sweep(sweep_file).with_overrides(
+        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None
+    )
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    if dry_run:
+        store = SQLiteStore(store_path, create=False) if store_path.exists() else None
+        click.echo(format_plan(prepared, store))
+        return
+    with SQLiteStore(store_path) as store:
+        outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed)
+    click.echo(
+        f"sweep {spec.name}: {outcome.planned} runs planned, {outcome.skipped} already in the store, "
+        f"{outcome.trained} trained ({outcome.failed} failed or diverged); store {store_path}"
+    )
+    if any(r.status.value == "failed" for r in outcome.records):
+        sys.exit(EXIT_RUNS_FAILED)
+
+
+@cli.command()
+@click.option("--sweep", "sweep_name", default=None, help="Sweep name (default: every sweep in the store).")
+@store_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file (default reports/NAME.md).")
+@_user_errors
+def report(sweep_name: str | None, store_path: Path, out: Path | None) -> None:
+    """Write the markdown leaderboard of a sweep."""
+    from harness.report import write_report
+    from harness.store import SQLiteStore
+
+    with SQLiteStore(store_path, create=False) as store:
+        names = [sweep_name] if sweep_name else store.sweeps()
+        if not names:
+            raise UserError("the store holds no sweep yet", file=str(store_path))
+        if out is not None and len(names) > 1:
+            raise UserError("--out needs --sweep when the store holds several sweeps", key="--out")
+        for name in names:
+            path = write_report(store, name, out=out)
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@store_option
+@_user_errors
+def status(store_path: Path) -> None:
+    """Per sweep: runs done / diverged / failed / pending."""
+    from harness.report import status_rows
+    from harness.store import SQLiteStore
+
+    with SQLiteStore(store_path, create=False) as store:
+        rows = status_rows(store)
+    if not rows:
+        click.echo("no sweeps in the store yet")
+        return
+    click.echo(f"{'sweep':<28} {'planned':>8} {'done':>6} {'diverged':>9} {'failed':>7} {'pending':>8}")
+    for row in rows:
+        click.echo(
+            f"{row['sweep']:<28} {row['planned']:>8} {row['done']:>6} {row['diverged']:>9} "
+            f"{row['failed']:>7} {row['pending']:>8}"
+        )
+
+
+def main() -> None:
+    cli(prog_name="harness")
+
+
+if __name__ == "__main__":
+    main()

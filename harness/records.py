@@ -1,0 +1,76 @@
+"""The one record type that crosses module borders: a frozen `RunRecord` per (variant, seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any, Mapping
+
+RECORD_VERSION = 1
+
+
+class RunStatus(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+
+    def is_finished(self) -> bool:
+        """A finished run is a result: it is not trained again on resume."""
+        return self in (RunStatus.DONE, RunStatus.DIVERGED)
+
+    def is_failure(self) -> bool:
+        """Counted as a failure beside the mean (never silently dropped)."""
+        return self in (RunStatus.FAILED, RunStatus.DIVERGED)
+
+
+class RunFlag(enum.Enum):
+    NEAR_CHANCE = "near_chance"  # finished, but test accuracy is close to 1/num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """Everything known about one run: what was asked, what happened, and where."""
+
+    run_id: str
+    sweep: str
+    variant: str
+    variant_id: str
+    seed: int
+    status: RunStatus
+    config: Mapping[str, Any]  # resolved model config of the variant
+    budget: Mapping[str, Any]  # epochs, batch_size, validation_split, deterministic
+    dataset: Mapping[str, Any]  # name, fingerprint, n_train, n_test, subset
+    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    history: Mapping[str, list] = dataclasses.field(default_factory=dict)
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    device: str = ""
+    versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    flags: tuple[RunFlag, ...] = ()
+    started_at: str | None = None
+    finished_at: str | None = None
+    record_version: int = RECORD_VERSION
+
+    @property
+    def test_accuracy(self) -> float | None:
+        value = self.metrics.get("test_accuracy")
+        return None if value is None else float(value)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        data["flags"] = [flag.value for flag in self.flags]
+        return json.dumps(data, sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunRecord":
+        data = json.loads(text)
+        version = data.get("record_version")
+        if version != RECORD_VERSION:
+            raise ValueError(f"run record version {version!r} is not supported (expected {RECORD_VERSION})")
+        data["status"] = RunStatus(data["status"])
+        data["flags"] = tuple(RunFlag(flag) for flag in data.get("flags", ()))
+        return cls(**data)

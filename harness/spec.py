@@ -1,0 +1,555 @@
+"""Sweep files: safe YAML -> validated `SweepSpec` -> variants (with grid expansion).
+
+Nothing here imports TensorFlow: validating a sweep and planning it stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import SpecError
+
+SCHEMA_VERSION = 1
+BUILTIN_DATASETS = ("mnist", "fashion_mnist")
+
+Activation = Literal["relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "linear"]
+DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class ConvBlock(_Strict):
+    """Conv layers with a shared setting, then optional pooling and dropout."""
+
+    filters: list[PositiveInt] = Field(min_length=1)
+    kernel_size: PositiveInt = 3
+    activation: Activation = "relu"
+    padding: Literal["valid", "same"] = "valid"
+    batchnorm: bool = False
+    pool: Literal["max", "avg", "none"] = "max"
+    pool_size: PositiveInt = 2
+    dropout: DropoutRate = 0.0
+
+    _filters_list = field_validator("filters", mode="before")(_as_list)
+
+
+class DenseStack(_Strict):
+    """Hidden dense layers; each is Dense -> [BatchNorm] -> activation -> [Dropout]."""
+
+    units: list[PositiveInt] = Field(default_factory=list)
+    activation: Activation = "relu"
+    dropout: DropoutRate | list[DropoutRate] = 0.0  # one rate for all, or one per layer
+    batchnorm: bool = False
+
+    _units_list = field_validator("units", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _dropout_per_layer(self) -> "DenseStack":
+        if isinstance(self.dropout, list) and len(self.dropout) != len(self.units):
+            raise ValueError(
+                f"dropout lists one rate per dense layer: {len(self.dropout)} rates for {len(self.units)} layers"
+            )
+        return self
+
+    def dropout_rates(self) -> list[float]:
+        if isinstance(self.dropout, list):
+            return list(self.dropout)
+        return [self.dropout] * len(self.units)
+
+
+class Regularizer(_Strict):
+    kind: Literal["l1", "l2"]
+    factor: Annotated[float, Field(gt=0.0)]
+
+
+class Optimizer(_Strict):
+    name: Literal["adam", "rmsprop", "sgd"]
+    learning_rate: Annotated[float, Field(gt=0.0)] | None = None  # None: Keras' default
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # sgd and rmsprop
+    nesterov: bool = False  # sgd
+
+
+class ModelConfig(_Strict):
+    """The model vocabulary. Every variant resolves to one of these."""
+
+    preprocess: Literal["none", "unit", "centered"] = "unit"
+    conv: list[ConvBlock] = Field(default_factory=list)
+    head: Literal["flatten", "global_average"] = "flatten"
+    dense: DenseStack = Field(default_factory=DenseStack)
+    regularizer: Regularizer | None = None
+    output_activation: Literal["softmax", "sigmoid"] = "softmax"
+    loss: Literal[
+        "categorical_crossentropy",
+        "sparse_categorical_crossentropy",
+        "binary_crossentropy",
+        "mean_squared_error",
+    ] = "categorical_crossentropy"
+    optimizer: Optimizer = Field(default_factory=lambda: Optimizer(name="adam"))
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TrainBudget(_Strict):
+    """What a variant may override of the sweep's budget (everything but the seeds)."""
+
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+
+
+class Budget(_Strict):
+    epochs: PositiveInt
+    batch_size: PositiveInt = 32
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    deterministic: bool = False  # tf op determinism: slower, bit-reproducible on one machine
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("a seed count must be at least 1")
+            return list(range(value))
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct (got {value})")
+        return value
+
+
+class Subset(_Strict):
+    train: PositiveInt | None = None
+    test: PositiveInt | None = None
+
+
+class DatasetFiles(_Strict):
+    """A dataset on disk: `path` (npz file or idx folder) or `train`+`test` (mnist-in-csv files)."""
+
+    path: str | None = None
+    train: str | None = None
+    test: str | None = None
+    name: str | None = None
+
+
+class VariantEntry(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    reference: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field(default_factory=list)
+    model: dict[str, Any] = Field(default_factory=dict)
+    budget: TrainBudget = Field(default_factory=TrainBudget)
+
+    _reference_list = field_validator("reference", mode="before")(_as_list)
+
+
+class SweepFile(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    description: str | None = None
+    dataset: str | DatasetFiles
+    subset: Subset | None = None
+    budget: Budget
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    variants: list[VariantEntry] = Field(min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is not supported (this harness reads {SCHEMA_VERSION})")
+        return value
+
+
+# --------------------------------------------------------------------------- resolved objects
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    """Where the data comes from. `kind` is 'builtin', 'npz', 'idx' or 'csv'."""
+
+    kind: str
+    name: str
+    path: str | None = None
+    train: str | None = None
+    test: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    model: ModelConfig
+    epochs: int
+    batch_size: int
+    validation_split: float
+    reference: tuple[float, ...] = ()
+    base: str = ""  # the variant entry it came from (differs from name under a grid)
+    grid_point: tuple[tuple[str, Any], ...] = ()
+
+    def content(self) -> dict[str, Any]:
+        """Canonical content: what the variant trains, independent of its name."""
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "train": {
+                "epochs": self.epochs,
+                "batch_size": self.batch_size,
+                "validation_split": self.validation_split,
+            },
+        }
+
+    @property
+    def variant_id(self) -> str:
+        return content_hash(self.content())[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    source: str  # the sweep file it was read from
+    dataset: DatasetRef
+    subset: Subset | None
+    seeds: tuple[int, ...]
+    deterministic: bool
+    variants: tuple[Variant, ...]
+    description: str | None = None
+
+    def with_overrides(
+        self,
+        *,
+        seeds: int | None = None,
+        epochs: int | None = None,
+        subset: Subset | None = None,
+    ) -> "SweepSpec":
+        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`)."""
+        spec = self
+        if seeds is not None:
+            if seeds < 1:
+                raise SpecError("must be at least 1", file="--seeds", key="seeds")
+            spec = dataclasses.replace(spec, seeds=tuple(range(seeds)))
+        if epochs is not None:
+            if epochs < 1:
+                raise SpecError("must be at least 1", file="--epochs", key="epochs")
+            variants = tuple(dataclasses.replace(v, epochs=epochs) for v in spec.variants)
+            spec = dataclasses.replace(spec, variants=variants)
+        if subset is not None:
+            spec = dataclasses.replace(spec, subset=subset)
+        return spec
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def content_hash(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys (a silent overwrite hides typos)."""
+
+
+def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    tag = re.search(r"tag '([^']+)'", str(problem))
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return f"{where}YAML tag '{shown}' is not allowed (sweep files are plain data, loaded safely)"
+    return f"{where}malformed YAML: {problem}"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file safely. Raise `SpecError` with the file and line on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read file: {exc}", file=str(path)) from None
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SpecError(_yaml_problem(exc), file=str(path)) from None
+
+
+def _loc_to_key(loc: tuple[Any, ...], prefix: str = "") -> str:
+    key = prefix
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        else:
+            key += f".{part}" if key else str(part)
+    return key
+
+
+def _describe_error(err: Mapping[str, Any], known: list[str]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(err.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    if "input" in err and kind not in ("model_type", "dict_type", "list_type"):
+        shown = repr(err["input"])
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return f"{message} (got {shown})"
+    return message
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc`'s parent, to suggest a fix for an unknown key."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        current = _nested_model(field.annotation)
+    return list(current.model_fields) if current is not None and hasattr(current, "model_fields") else []
+
+
+def _nested_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _validate(model: type[BaseModel], data: Any, *, file: str, prefix: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Report the first problem that is not a union side-branch, in one line.
+        errors = exc.errors()
+        err = errors[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "DatasetFiles"))))
+        key = _loc_to_key(loc, prefix)
+        raise SpecError(_describe_error(err, _known_keys(model, loc)), file=file, key=key or None) from None
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge mappings recursively; lists and scalars in `override` replace those in `base`."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _resolve_dataset(value: str | DatasetFiles, *, file: Path) -> DatasetRef:
+    base = file.parent
+
+    def where(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path))
+
+    if isinstance(value, str):
+        if value in BUILTIN_DATASETS:
+            return DatasetRef(kind="builtin", name=value)
+        if "/" not in value and "." not in value:
+            raise SpecError(
+                f"unknown dataset '{value}'; expected one of {', '.join(BUILTIN_DATASETS)} or a path "
+                "(npz file, idx folder) or {train: CSV, test: CSV}",
+                file=str(file),
+                key="dataset",
+            )
+        value = DatasetFiles(path=value)
+    if value.path is not None and (value.train or value.test):
+        raise SpecError("give either 'path' or 'train'+'test', not both", file=str(file), key="dataset")
+    if value.path is not None:
+        path = where(value.path)
+        kind = "npz" if path.endswith(".npz") else "idx"
+        return DatasetRef(kind=kind, name=value.name or Path(path).stem, path=path)
+    if value.train and value.test:
+        name = value.name or Path(value.train).stem.removesuffix("_train")
+        return DatasetRef(kind="csv", name=name, train=where(value.train), test=where(value.test))
+    raise SpecError("a dataset file needs 'path' or both 'train' and 'test'", file=str(file), key="dataset")
+
+
+_PATH_PART = re.compile(r"^\d+$")
+
+
+def _set_path(target: dict[str, Any], dotted: str, value: Any) -> bool:
+    """Set `a.b.0.c` in nested dicts/lists. Return False when the path does not exist."""
+    parts = dotted.split(".")
+    node: Any = target
+    for part in parts[:-1]:
+        if isinstance(node, list) and _PATH_PART.match(part) and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node and isinstance(node[part], (dict, list)):
+            node = node[part]
+        else:
+            return False
+    last = parts[-1]
+    if isinstance(node, list) and _PATH_PART.match(last) and int(last) < len(node):
+        node[int(last)] = copy.deepcopy(value)
+        return True
+    if isinstance(node, dict) and last in node:
+        node[last] = copy.deepcopy(value)
+        return True
+    return False
+
+
+def _format_grid_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return canonical_json(value)
+    return str(value)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read, validate and expand a sweep file. Raise `SpecError` (one line) on any problem."""
+    path = Path(path)
+    file = str(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SpecError("a sweep file must be a YAML mapping at the top level", file=file)
+    sweep: SweepFile = _validate(SweepFile, raw, file=file)
+    dataset = _resolve_dataset(sweep.dataset, file=path)
+
+    _validate(ModelConfig, sweep.defaults, file=file, prefix="defaults")
+
+    names = [entry.name for entry in sweep.variants]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise SpecError(f"duplicate variant name '{name}'", file=file, key=f"variants[{i}].name")
+
+    budget = sweep.budget
+    grid_items = list(sweep.grid.items())
+    for key, values in grid_items:
+        if not values:
+            raise SpecError("a grid axis needs at least one value", file=file, key=f"grid.{key}")
+
+    variants: list[Variant] = []
+    for i, entry in enumerate(sweep.variants):
+        base_model = deep_merge(sweep.defaults, entry.model)
+        base_train = {
+            "epochs": entry.budget.epochs or budget.epochs,
+            "batch_size": entry.budget.batch_size or budget.batch_size,
+            "validation_split": (
+                entry.budget.validation_split
+                if entry.budget.validation_split is not None
+                else budget.validation_split
+            ),
+        }
+        prefix = f"variants[{i}].model"
+        resolved = _validate(ModelConfig, base_model, file=file, prefix=prefix).model_dump(mode="json")
+        full = {"model": resolved, "budget": base_train}
+        for key, _values in grid_items:
+            probe = copy.deepcopy(full)
+            if not _set_path(probe, key, None):
+                raise SpecError(
+                    f"grid key does not exist in variant '{entry.name}' (use dotted paths such as "
+                    "'model.dense.dropout', 'model.conv.0.filters' or 'budget.batch_size')",
+                    file=file,
+                    key=f"grid.{key}",
+                )
+        combos = itertools.product(*(values for _key, values in grid_items)) if grid_items else [()]
+        for combo in combos:
+            point = tuple((key, value) for (key, _values), value in zip(grid_items, combo))
+            config = copy.deepcopy(full)
+            for key, value in point:
+                _set_path(config, key, value)
+            label = ",".join(f"{key.split('.', 1)[-1]}={_format_grid_value(v)}" for key, v in point)
+            name = f"{entry.name}[{label}]" if point else entry.name
+            model = _validate(ModelConfig, config["model"], file=file, prefix=f"{prefix}{'@' + label if point else ''}")
+            train = _validate(TrainBudget, config["budget"], file=file, prefix=f"variants[{i}].budget")
+            variants.append(
+                Variant(
+                    name=name,
+                    model=model,
+                    epochs=train.epochs,
+                    batch_size=train.batch_size,
+                    validation_split=train.validation_split,
+                    reference=tuple(entry.reference) if not point else (),
+                    base=entry.name,
+                    grid_point=point,
+                )
+            )
+
+    seen: dict[str, str] = {}
+    for variant in variants:
+        other = seen.get(variant.variant_id)
+        if other is not None:
+            raise SpecError(
+                f"variants '{other}' and '{variant.name}' train exactly the same model and budget",
+                file=file,
+                key="variants",
+            )
+        seen[variant.variant_id] = variant.name
+
+    return SweepSpec(
+        name=sweep.name,
+        source=file,
+        dataset=dataset,
+        subset=sweep.subset,
+        seeds=tuple(budget.seeds),
+        deterministic=budget.deterministic,
+        variants=tuple(variants),
+        description=sweep.description,
+    )
+
+
+def parse_subset(text: str) -> Subset:
+    """Parse the `--subset TRAIN[:TEST]` CLI option."""
+    try:
+        parts = [int(p) if p else None for p in text.split(":")]
+        if len(parts) > 2 or any(p is not None and p <= 0 for p in parts):
+            raise ValueError
+    except ValueError:
+        raise SpecError(f"expected TRAIN or TRAIN:TEST positive sizes (got {text!r})", file="--subset", key="subset") from None
+    return Subset(train=parts[0], test=parts[1] if len(parts) > 1 else None)

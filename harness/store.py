@@ -1,0 +1,237 @@
+"""Results store: one row per run, keyed by the run's content id, committed atomically.
+
+`ResultStore` is the protocol the rest of the package talks to; `SQLiteStore` is the default
+implementation (`results/harness.db`). The schema carries a version; a mismatch is a clear error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+from harness.errors import StoreError
+from harness.records import RunRecord, RunStatus
+
+SCHEMA_VERSION = 1
+DEFAULT_STORE = Path("results") / "harness.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    variant_id TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    test_accuracy REAL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    finished_at TEXT,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    planned_at TEXT NOT NULL,
+    info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plans (
+    sweep TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    PRIMARY KEY (sweep, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_by_variant ON runs (variant_id);
+"""
+
+
+def _utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultStore(Protocol):
+    """What the scheduler, the aggregator and the report need from a store."""
+
+    def put(self, record: RunRecord) -> None: ...
+
+    def get(self, run_id: str) -> RunRecord | None: ...
+
+    def statuses(self, run_ids: Iterable[str]) -> dict[str, RunStatus]: ...
+
+    def records(self, run_ids: Iterable[str]) -> list[RunRecord]: ...
+
+    def save_plan(self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]]) -> None: ...
+
+    def plan(self, sweep: str) -> list[tuple[str, str, int]]: ...
+
+    def sweep_info(self, sweep: str) -> dict[str, Any] | None: ...
+
+    def sweeps(self) -> list[str]: ...
+
+
+class SQLiteStore:
+    """SQLite-backed `ResultStore`. Each write is one transaction; readers never see half a run."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise StoreError("no results store here (run `harness sweep` first)", file=str(self.path))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"not a usable harness store: {exc}", file=str(self.path)) from None
+
+    def _init_schema(self) -> None:
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise StoreError("not a harness store (an SQLite file of something else)", file=str(self.path))
+        if "meta" in tables:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else None
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"store schema version {version} is not supported (this harness reads {SCHEMA_VERSION})",
+                    file=str(self.path),
+                )
+            return
+        with self._transaction():
+            for statement in _SCHEMA.strip().split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (_utcnow(),))
+
+    def _transaction(self):
+        conn = self._conn
+
+        class _Tx:
+            def __enter__(self_inner):
+                conn.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                return False
+
+        return _Tx()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "SQLiteStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ runs
+
+    def put(self, record: RunRecord) -> None:
+        """Insert or update a run. A finished result is never replaced by an unfinished one."""
+        finished = tuple(s.value for s in RunStatus if s.is_finished())
+        with self._transaction():
+            self._conn.execute(
+                f"""
+                INSERT INTO runs (run_id, sweep, variant, variant_id, seed, status, test_accuracy, finished_at, record)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (run_id) DO UPDATE SET
+                    sweep = excluded.sweep, variant = excluded.variant, status = excluded.status,
+                    test_accuracy = excluded.test_accuracy, finished_at = excluded.finished_at,
+                    record = excluded.record, attempts = runs.attempts + 1
+                WHERE runs.status NOT IN ({",".join("?" * len(finished))})
+                """,
+                (
+                    record.run_id,
+                    record.sweep,
+                    record.variant,
+                    record.variant_id,
+                    record.seed,
+                    record.status.value,
+                    record.test_accuracy,
+                    record.finished_at,
+                    record.to_json(),
+                    *finished,
+                ),
+            )
+
+    def get(self, run_id: str) -> RunRecord | None:
+        row = self._conn.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return RunRecord.from_json(row[0]) if row else None
+
+    def attempts(self, run_id: str) -> int:
+        row = self._conn.execute("SELECT attempts FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def statuses(self, run_ids: Iterable[str]) -> dict[str, RunStatus]:
+        ids = list(run_ids)
+        found: dict[str, RunStatus] = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            rows = self._conn.execute(
+                f"SELECT run_id, status FROM runs WHERE run_id IN ({','.join('?' * len(part))})", part
+            )
+            found.update({run_id: RunStatus(status) for run_id, status in rows})
+        return found
+
+    def records(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        ids = list(run_ids)
+        by_id: dict[str, RunRecord] = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            rows = self._conn.execute(
+                f"SELECT run_id, record FROM runs WHERE run_id IN ({','.join('?' * len(part))})", part
+            )
+            by_id.update({run_id: RunRecord.from_json(text) for run_id, text in rows})
+        return [by_id[i] for i in ids if i in by_id]
+
+    def all_records(self) -> list[RunRecord]:
+        return [RunRecord.from_json(row[0]) for row in self._conn.execute("SELECT record FROM runs ORDER BY rowid")]
+
+    # ------------------------------------------------------------------ plans
+
+    def save_plan(self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]]) -> None:
+        """Record the sweep's current plan (run id, variant name, seed), replacing its previous plan."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO sweeps (name, source, planned_at, info) VALUES (?, ?, ?, ?)",
+                (sweep, source, _utcnow(), json.dumps(info, sort_keys=True)),
+            )
+            self._conn.execute("DELETE FROM plans WHERE sweep = ?", (sweep,))
+            self._conn.executemany(
+                "INSERT INTO plans (sweep, position, run_id, variant, seed) VALUES (?, ?, ?, ?, ?)",
+                [(sweep, i, run_id, variant, seed) for i, (run_id, variant, seed) in enumerate(runs)],
+            )
+
+    def plan(self, sweep: str) -> list[tuple[str, str, int]]:
+        rows = self._conn.execute(
+            "SELECT run_id, variant, seed FROM plans WHERE sweep = ? ORDER BY position", (sweep,)
+        )
+        return [(run_id, variant, int(seed)) for run_id, variant, seed in rows]
+
+    def sweep_info(self, sweep: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT source, planned_at, info FROM sweeps WHERE name = ?", (sweep,)).fetchone()
+        if row is None:
+            return None
+        info = json.loads(row[2])
+        info.update(source=row[0], planned_at=row[1])
+        return info
+
+    def sweeps(self) -> list[str]:
+        return [row[0] for row in self._conn.execute("SELECT name FROM sweeps ORDER BY planned_at, name")]
+
+
+def open_store(path: str | Path | None = None, *, create: bool = True) -> SQLiteStore:
+    return SQLiteStore(path or DEFAULT_STORE, create=create)

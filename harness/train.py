@@ -1,0 +1,243 @@
+"""Train one run. The only module that imports TensorFlow/Keras (inside its functions)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import math
+import os
+import platform
+import time
+import traceback
+from typing import Any
+
+from harness import __version__
+from harness.architecture import uses_images
+from harness.data import Dataset, prepare_inputs, prepare_targets
+from harness.plan import PlannedRun
+from harness.records import RunFlag, RunRecord, RunStatus
+from harness.spec import ModelConfig, Optimizer
+
+NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a collapse
+
+
+def _utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int):
+    """Build the Keras model a `ModelConfig` describes (mirrors `architecture.summarize_model`)."""
+    import keras
+    from keras import layers
+
+    regularizer = None
+    if config.regularizer is not None:
+        factory = keras.regularizers.L1 if config.regularizer.kind == "l1" else keras.regularizers.L2
+        regularizer = factory(config.regularizer.factor)
+
+    images = uses_images(config)
+    if images and len(input_shape) == 2:
+        input_shape = (*input_shape, 1)
+    if not images:
+        input_shape = (math.prod(input_shape),)
+
+    stack: list[Any] = [keras.Input(shape=input_shape)]
+    for block in config.conv:
+        for filters in block.filters:
+            stack.append(
+                layers.Conv2D(
+                    filters,
+                    block.kernel_size,
+                    padding=block.padding,
+                    activation=None if block.batchnorm else block.activation,
+                    kernel_regularizer=regularizer,
+                )
+            )
+            if block.batchnorm:
+                stack += [layers.BatchNormalization(), layers.Activation(block.activation)]
+        if block.pool == "max":
+            stack.append(layers.MaxPooling2D(block.pool_size))
+        elif block.pool == "avg":
+            stack.append(layers.AveragePooling2D(block.pool_size))
+        if block.dropout > 0:
+            stack.append(layers.Dropout(block.dropout))
+    if images:
+        stack.append(layers.Flatten() if config.head == "flatten" else layers.GlobalAveragePooling2D())
+    dense = config.dense
+    for units, rate in zip(dense.units, dense.dropout_rates()):
+        stack.append(
+            layers.Dense(units, activation=None if dense.batchnorm else dense.activation, kernel_regularizer=regularizer)
+        )
+        if dense.batchnorm:
+            stack += [layers.BatchNormalization(), layers.Activation(dense.activation)]
+        if rate > 0:
+            stack.append(layers.Dropout(rate))
+    stack.append(layers.Dense(num_classes, activation=config.output_activation, kernel_regularizer=regularizer))
+    return keras.Sequential(stack)
+
+
+def make_optimizer(spec: Optimizer):
+    import keras
+
+    kwargs: dict[str, Any] = {}
+    if spec.learning_rate is not None:
+        kwargs["learning_rate"] = spec.learning_rate
+    if spec.name == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if spec.name == "rmsprop":
+        return keras.optimizers.RMSprop(momentum=spec.momentum, **kwargs)
+    return keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **kwargs)
+
+
+def library_versions() -> dict[str, str]:
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    return {
+        "harness": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+def device_label() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            names.append(f"{gpu.name.replace('/physical_device:', '')} {details.get('device_name', '')}".strip())
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return ", ".join(names) + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+    return f"cpu {platform.machine()} ({threads} threads)"
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
+    """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash."""
+    started_at = _utcnow()
+    start = time.perf_counter()
+    base = dict(
+        run_id=run.run_id,
+        sweep=run.sweep,
+        variant=run.variant.name,
+        variant_id=run.variant.variant_id,
+        seed=run.seed,
+        config=run.variant.model.model_dump(mode="json"),
+        budget=run.budget,
+        dataset=run.dataset,
+        started_at=started_at,
+    )
+    versions: dict[str, str] = {"harness": __version__}
+    device = ""
+    try:
+        import keras
+        import tensorflow as tf
+
+        versions = library_versions()
+        device = device_label()
+        keras.utils.set_random_seed(run.seed)
+        if run.deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+        config = run.variant.model
+        images = uses_images(config)
+        x_all = prepare_inputs(dataset.x_train, preprocess=config.preprocess, images=images)
+        y_all = prepare_targets(dataset.y_train, loss=config.loss, num_classes=dataset.num_classes)
+        x_test = prepare_inputs(dataset.x_test, preprocess=config.preprocess, images=images)
+        y_test = prepare_targets(dataset.y_test, loss=config.loss, num_classes=dataset.num_classes)
+        n_val = int(round(len(x_all) * run.variant.validation_split))
+        if n_val:
+            x_fit, y_fit = x_all[:-n_val], y_all[:-n_val]
+            validation = (x_all[-n_val:], y_all[-n_val:])
+        else:
+            x_fit, y_fit, validation = x_all, y_all, None
+
+        model = build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
+        accuracy = (
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+            if config.loss == "sparse_categorical_crossentropy"
+            else keras.metrics.CategoricalAccuracy(name="accuracy")
+        )
+        model.compile(optimizer=make_optimizer(config.optimizer), loss=config.loss, metrics=[accuracy])
+        built = time.perf_counter()
+        fit = model.fit(
+            x_fit,
+            y_fit,
+            epochs=run.variant.epochs,
+            batch_size=run.variant.batch_size,
+            validation_data=validation,
+            shuffle=True,
+            verbose=0,
+            callbacks=[keras.callbacks.TerminateOnNaN()],
+        )
+        trained = time.perf_counter()
+        test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=max(run.variant.batch_size, 256), verbose=0)
+        finished = time.perf_counter()
+
+        history = {key: _floats(values) for key, values in fit.history.items()}
+        epochs_ran = len(history.get("loss", []))
+        train_s = trained - built
+        diverged = (
+            not math.isfinite(test_loss)
+            or any(not math.isfinite(v) for v in history.get("loss", []))
+            or epochs_ran < run.variant.epochs
+        )
+        metrics = {
+            "test_accuracy": float(test_accuracy),
+            "test_loss": float(test_loss),
+            "params": int(model.count_params()),
+            "epochs_ran": epochs_ran,
+            "estimated_train_flops": run.estimated_train_flops,
+            "examples_per_s": len(x_fit) * epochs_ran / train_s if train_s > 0 else None,
+        }
+        for key in ("accuracy", "val_accuracy", "loss", "val_loss"):
+            if history.get(key):
+                metrics[f"final_{key}"] = history[key][-1]
+        flags: tuple[RunFlag, ...] = ()
+        if not diverged and test_accuracy < NEAR_CHANCE_FACTOR / dataset.num_classes:
+            flags = (RunFlag.NEAR_CHANCE,)
+        return RunRecord(
+            **base,
+            status=RunStatus.DIVERGED if diverged else RunStatus.DONE,
+            metrics=metrics,
+            history=history,
+            timings={"setup_s": built - start, "train_s": train_s, "eval_s": finished - trained, "wall_s": finished - start},
+            device=device,
+            versions=versions,
+            error="loss became NaN or infinite" if diverged else None,
+            flags=flags,
+            finished_at=_utcnow(),
+        )
+    except Exception:  # noqa: BLE001 - a failed run is a record, the sweep goes on
+        return RunRecord(
+            **base,
+            status=RunStatus.FAILED,
+            timings={"wall_s": time.perf_counter() - start},
+            device=device,
+            versions=versions,
+            error=traceback.format_exc(),
+            finished_at=_utcnow(),
+        )
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Drop the Keras graph and free memory between runs (GPU memory included)."""
+    try:
+        import keras
+
+        keras.backend.clear_session()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    gc.collect()
