@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from harness.errors import StoreError
+from harness.records import RunStatus
+from harness.store import SQLiteStore
+
+from test_records import make_record
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    with SQLiteStore(tmp_path / "h.db") as s:
+        yield s
+
+
+def test_put_get_round_trip(store: SQLiteStore) -> None:
+    record = make_record(history={"loss": [1.0, 0.5]})
+    store.put(record)
+    assert store.get("r1") == record
+    assert store.get("missing") is None
+    assert store.statuses(["r1", "missing"]) == {"r1": RunStatus.DONE}
+
+
+def test_failed_run_is_replaced_by_its_retry(store: SQLiteStore) -> None:
+    store.put(make_record(status=RunStatus.FAILED, error="boom"))
+    store.put(make_record(status=RunStatus.DONE))
+    assert store.get("r1").status is RunStatus.DONE
+    assert store.attempts("r1") == 2
+
+
+def test_finished_result_is_never_overwritten(store: SQLiteStore) -> None:
+    store.put(make_record(status=RunStatus.DONE, metrics={"test_accuracy": 0.9}))
+    store.put(make_record(status=RunStatus.FAILED, error="late duplicate"))
+    kept = store.get("r1")
+    assert kept.status is RunStatus.DONE and kept.test_accuracy == 0.9
+
+
+def test_records_keep_plan_order(store: SQLiteStore) -> None:
+    for i in range(3):
+        store.put(make_record(run_id=f"r{i}", seed=i))
+    assert [r.run_id for r in store.records(["r2", "r0", "nope", "r1"])] == ["r2", "r0", "r1"]
+
+
+def test_plan_is_replaced_per_sweep(store: SQLiteStore) -> None:
+    store.save_plan("s", source="a.yaml", info={"variants": []}, runs=[("r1", "v", 0), ("r2", "v", 1)])
+    store.save_plan("s", source="a.yaml", info={"variants": [], "x": 1}, runs=[("r3", "w", 0)])
+    store.save_plan("other", source="b.yaml", info={}, runs=[])
+    assert store.plan("s") == [("r3", "w", 0)]
+    assert store.sweep_info("s")["x"] == 1 and store.sweep_info("s")["source"] == "a.yaml"
+    assert sorted(store.sweeps()) == ["other", "s"]
+
+
+def test_data_survives_reopen(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "h.db") as s:
+        s.put(make_record())
+    with SQLiteStore(tmp_path / "h.db", create=False) as s:
+        assert s.get("r1").status is RunStatus.DONE
+
+
+def test_schema_version_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="schema version 7 is not supported"):
+        SQLiteStore(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE stuff (x)")
+    with pytest.raises(StoreError, match="not a harness store"):
+        SQLiteStore(path)
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable harness store"):
+        SQLiteStore(path)
+
+
+def test_missing_store_without_create(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no results store"):
+        SQLiteStore(tmp_path / "none.db", create=False)
+    assert not (tmp_path / "none.db").exists()
