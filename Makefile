@@ -8,6 +8,10 @@ BIN    := $(VENV)/bin
 EXTRA  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SWEEP  ?= sweeps/quickstart.yaml
 PYTEST_ARGS ?=
+# Real MNIST: $HARNESS_DATA_DIR if set, else ../shared/data when present, else Keras' download.
+HARNESS_DATA_DIR ?= $(if $(wildcard ../shared/data/mnist.npz),$(abspath ../shared/data),)
+export HARNESS_DATA_DIR
+export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: run test test-fast venv clean
 

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import cli
+from harness.store import SQLiteStore
+
+from conftest import tiny_sweep_text, write_sweep
+
+GOOD = tiny_sweep_text(seeds=1)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+BAD_INPUTS = {
+    "malformed_yaml": (GOOD.replace("budget:", "budget: [", 1), "malformed YAML"),
+    "unknown_key": (GOOD + "colour: blue\n", "key 'colour': unknown key"),
+    "unknown_optimizer": (GOOD.replace("optimizer: adam", "optimizer: adadelta"), "key 'defaults.optimizer.name'"),
+    "dropout_out_of_range": (GOOD.replace("dense: {units: [32]}", "dense: {units: [32], dropout: 1.5}"), "variants[0].model.dense.dropout"),
+    "grid_key_missing": (GOOD + "grid:\n  model.dense.nope: [1, 2]\n", "key 'grid.model.dense.nope'"),
+    "duplicate_variant": (GOOD.replace("name: cnn_8", "name: mlp_32"), "duplicate variant name 'mlp_32'"),
+    "python_tag": (GOOD.replace("name: tiny", "name: !!python/object/apply:os.getcwd []"), "YAML tag '!!python/object/apply:os.getcwd' is not allowed"),
+    "bad_dataset_file": (GOOD.replace("dataset: mnist", "dataset: {path: broken.npz}"), "cannot read npz file"),
+    "missing_dataset_file": (GOOD.replace("dataset: mnist", "dataset: {path: nowhere.npz}"), "nowhere.npz: key 'dataset': not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(case: str, tmp_path: Path, data_dir: Path) -> None:
+    text, expected = BAD_INPUTS[case]
+    (tmp_path / "broken.npz").write_bytes(b"garbage")
+    sweep = write_sweep(tmp_path / "bad.yaml", text)
+    store = tmp_path / "results" / "h.db"
+    result = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("harness: error: ") and expected in lines[0], lines[0]
+    assert "bad.yaml" in lines[0] or "npz" in lines[0]
+    assert not store.exists() and not store.parent.exists()
+
+
+def test_bad_input_leaves_existing_store_byte_identical(tmp_path: Path, data_dir: Path) -> None:
+    store = tmp_path / "h.db"
+    SQLiteStore(store).close()
+    before = digest(store)
+    sweep = write_sweep(tmp_path / "bad.yaml", GOOD + "colour: blue\n")
+    assert invoke("sweep", sweep, "--store", store, "--data-dir", data_dir).exit_code == 2
+    assert digest(store) == before
+
+
+def test_missing_data_says_where_it_looked(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("sweep", sweep, "--store", tmp_path / "h.db", "--data-dir", empty)
+    assert result.exit_code == 2
+    assert "dataset 'mnist' not found" in result.stderr and str(empty / "mnist.npz") in result.stderr
+    assert not (tmp_path / "h.db").exists()
+
+
+def test_bad_cli_options(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD)
+    for args in (["--seeds", "0"], ["--subset", "x"], ["--epochs", "0"]):
+        result = invoke("sweep", sweep, "--store", tmp_path / "h.db", "--data-dir", data_dir, *args)
+        assert result.exit_code == 2 and "harness: error:" in result.stderr, args
+    assert not (tmp_path / "h.db").exists()
+
+
+def test_dry_run_prints_plan_and_trains_nothing(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=3))
+    store = tmp_path / "h.db"
+    result = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir, "--dry-run", "--seeds", "4")
+    assert result.exit_code == 0, result.output
+    assert "seeds [0, 1, 2, 3]; 2 variants; 8 runs" in result.output
+    assert "mlp_32" in result.output and "25,450" in result.output  # 784*32+32 + 32*10+10
+    assert "0 done, 0 failed, 8 to train" in result.output
+    assert not store.exists()
+
+
+def test_report_and_status_without_store(tmp_path: Path) -> None:
+    for command in ("report", "status"):
+        result = invoke(command, "--store", tmp_path / "none.db")
+        assert result.exit_code == 2 and "no results store" in result.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
+    """Real TensorFlow training on a 2,000-image MNIST subset, through the CLI."""
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2))
+    store = tmp_path / "results" / "h.db"
+    result = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "4 runs planned, 0 already in the store, 4 trained (0 failed or diverged)" in result.output
+    assert "[4/4]" in result.stderr and "ETA" in result.stderr
+
+    with SQLiteStore(store, create=False) as s:
+        records = s.records(r for r, _v, _s in s.plan("tiny"))
+    assert len(records) == 4 and all(r.status.value == "done" for r in records)
+    assert {(r.variant, r.seed) for r in records} == {(v, s) for v in ("mlp_32", "cnn_8") for s in (0, 1)}
+    accuracies = {r.variant: [] for r in records}
+    for r in records:
+        accuracies[r.variant].append(100 * r.test_accuracy)
+
+    out = tmp_path / "reports" / "tiny.md"
+    result = invoke("report", "--sweep", "tiny", "--store", store, "--out", out)
+    assert result.exit_code == 0 and out.exists()
+    text = out.read_text()
+    for variant, values in accuracies.items():
+        row = next(line for line in text.splitlines() if f"| {variant} |" in line)
+        assert f"| {np.mean(values):.2f} | {np.std(values, ddof=1):.2f} |" in row
+        assert "| 2 | 0 |" in row
+    assert "| 90 |" in next(line for line in text.splitlines() if "| mlp_32 |" in line)  # published reference
+
+    result = invoke("status", "--store", store)
+    assert result.exit_code == 0
+    assert result.output.splitlines()[1].split() == ["tiny", "4", "4", "0", "0", "0"]
+
+    again = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir)
+    assert "4 already in the store, 0 trained" in again.output

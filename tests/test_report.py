@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import UserError
+from harness.report import load_results, render_leaderboard, status_rows, write_report
+from harness.store import SQLiteStore
+
+from test_aggregate import VARIANTS, fixture_records
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    with SQLiteStore(tmp_path / "h.db") as store:
+        records = fixture_records()
+        for record in records:
+            store.put(record)
+        plan = [(r.run_id, r.variant, r.seed) for r in records] + [("never-0", "never_ran", 0)]
+        info = {"variants": VARIANTS, "seeds": [0, 1, 2], "dataset": {"name": "mnist", "n_train": 100, "n_test": 10}}
+        store.save_plan("fx", source="sweeps/fx.yaml", info=info, runs=plan)
+        yield store
+
+
+def test_leaderboard_table_rows(store) -> None:
+    text = render_leaderboard(load_results(store, "fx"), generated_at="2026-01-01")
+    lines = text.splitlines()
+    alpha = next(line for line in lines if line.startswith("| 1 | alpha"))
+    assert "| 97.50 | 0.50 | [96.26, 98.74] | 3 | 0 | 97 | 5,000 | 12.0 |" in alpha
+    beta = next(line for line in lines if line.startswith("| 2 | beta"))
+    assert "| 95.50 |" in beta and "| 2 | 1 |" in beta
+    gamma = next(line for line in lines if "gamma" in line and line.startswith("| 3"))
+    assert "1 (1 diverged)" in gamma and "near chance" in gamma and "9.8" in gamma
+    assert any(line.startswith("| — | never_ran") for line in lines)
+    assert "9 planned, 7 finished, 1 failed, 1 not run yet" in text
+
+
+def test_failures_and_provenance_sections(store) -> None:
+    text = render_leaderboard(load_results(store, "fx"), generated_at="2026-01-01")
+    assert "## Failures" in text and "ResourceExhaustedError: OOM when allocating tensor" in text
+    assert "loss became NaN or infinite" in text
+    assert "TensorFlow 2.21.0, Keras 3.15.1" in text and "cpu x86_64 (2 threads)" in text
+    assert "`sweeps/fx.yaml`" in text
+
+
+def test_write_report_is_atomic_file(store, tmp_path: Path) -> None:
+    out = write_report(store, "fx", out=tmp_path / "reports" / "fx.md")
+    assert out.read_text().startswith("# Leaderboard: fx")
+    assert [p.name for p in out.parent.iterdir()] == ["fx.md"]  # no temp file left behind
+
+
+def test_unknown_sweep(store) -> None:
+    with pytest.raises(UserError, match="no sweep named 'nope'.*known: fx"):
+        load_results(store, "nope")
+
+
+def test_status_rows(store) -> None:
+    assert status_rows(store) == [{"sweep": "fx", "planned": 9, "done": 6, "diverged": 1, "failed": 1, "pending": 1}]

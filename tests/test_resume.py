@@ -1,0 +1,84 @@
+"""Crash safety with a real process: `harness sweep` killed with SIGKILL, then resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.store import SQLiteStore
+
+from conftest import write_sweep
+
+SWEEP = """
+schema_version: 1
+name: crashy
+dataset: mnist
+subset: {train: 3000, test: 500}
+budget: {epochs: 2, batch_size: 64, seeds: 6}
+variants:
+  - name: mlp_64
+    model:
+      dense: {units: [64]}
+"""
+
+
+def finished_count(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # schema not created yet
+
+
+def harness(*args: str, data_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
+    store = tmp_path / "h.db"
+    proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    deadline = time.monotonic() + 240
+    while finished_count(store) < 2:
+        assert proc.poll() is None, f"sweep ended before it could be killed: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no run finished in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    with SQLiteStore(store, create=False) as s:
+        survivors = {r.run_id: r for r in s.records(r for r, _v, _s in s.plan("crashy")) if r.status.value == "done"}
+    killed_at = len(survivors)
+    assert 2 <= killed_at < 6, "the kill must land mid-sweep"
+
+    resumed = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"6 runs planned, {killed_at} already in the store, {6 - killed_at} trained" in out
+
+    with SQLiteStore(store, create=False) as s:
+        plan = s.plan("crashy")
+        records = s.records(r for r, _v, _s in plan)
+        assert len(records) == 6 and all(r.status.value == "done" for r in records)
+        assert sorted(r.seed for r in records) == list(range(6))
+        assert all(s.attempts(r.run_id) == 1 for r in records), "a run was trained twice"
+        for run_id, before in survivors.items():
+            assert s.get(run_id) == before  # the finished runs were kept as they were
