@@ -6,6 +6,7 @@ Only this module decides exit codes: 0 ok, 1 some runs failed, 2 bad input, 130 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,15 @@ def cli() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder holding mnist.npz / idx files (default: $HARNESS_DATA_DIR).")
 @click.option("--rerun-failed", is_flag=True, help="Train failed runs again.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Retry a run that fails during this sweep up to N times.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a run may take before its worker is killed and the run marked FAILED.")
+@click.option("--gpus", default=None, metavar="0,1|none", help="GPUs to use (default: all that nvidia-smi lists).")
+@click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Worker processes per GPU.")
+@click.option("--workers", type=int, default=None, help="CPU worker processes (default: one per core).")
+@click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")
+@click.option("--in-process", is_flag=True, help="Train in this process, one run at a time (debugging).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and train nothing.")
 @_user_errors
 def sweep(
@@ -67,29 +77,66 @@ def sweep(
     store_path: Path,
     data_dir: Path | None,
     rerun_failed: bool,
+    retries: int,
+    timeout_s: float | None,
+    gpus: str | None,
+    runs_per_gpu: int,
+    workers: int | None,
+    threads: int | None,
+    in_process: bool,
     dry_run: bool,
 ) -> None:
     """Train every variant x seed of SWEEP_FILE that the store does not hold yet."""
+    from harness.devices import available_memory_gib, detect_gpus, parse_gpu_list, plan_workers
     from harness.spec import load_sweep, parse_subset
     from harness.store import SQLiteStore
-    from harness.sweep import format_plan, prepare_sweep, run_sweep
+    from harness.sweep import format_plan, pending_runs, prepare_sweep, run_sweep
 
     spec = load_sweep(sweep_file).with_overrides(
         seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None
     )
+    use_gpus = parse_gpu_list(gpus) if gpus is not None else None
     prepared = prepare_sweep(spec, data_dir=data_dir)
+    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    detected = detect_gpus() if use_gpus != [] else []
+
+    def worker_slots(pending: int):
+        return plan_workers(
+            gpus=detected, pending=pending, cpu_count=cpu_count, use_gpus=use_gpus, runs_per_gpu=runs_per_gpu,
+            workers=workers, threads=threads, memory_gib=available_memory_gib(),
+        )
+
     if dry_run:
         store = SQLiteStore(store_path, create=False) if store_path.exists() else None
+        pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs
         click.echo(format_plan(prepared, store))
+        click.echo(_describe_slots(worker_slots(len(pending)), in_process))
         return
     with SQLiteStore(store_path) as store:
-        outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed)
+        pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
+        pool = None
+        if pending and not in_process:
+            from harness.scheduler import DataSource, WorkerPool
+
+            slots = worker_slots(len(pending))
+            click.echo(_describe_slots(slots, in_process), err=True)
+            source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=prepared.data_dir)
+            pool = WorkerPool(slots, source=source, timeout_s=timeout_s)
+        outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed, retries=retries, pool=pool)
     click.echo(
         f"sweep {spec.name}: {outcome.planned} runs planned, {outcome.skipped} already in the store, "
         f"{outcome.trained} trained ({outcome.failed} failed or diverged); store {store_path}"
     )
-    if any(r.status.value == "failed" for r in outcome.records):
+    stored = {r.run_id: r for r in outcome.records}  # the last attempt of each run
+    if any(r.status.value == "failed" for r in stored.values()):
         sys.exit(EXIT_RUNS_FAILED)
+
+
+def _describe_slots(slots, in_process: bool) -> str:
+    if in_process:
+        return "workers: none (training in this process)"
+    kinds = ", ".join(f"{s.name} ({s.device}, {s.threads} thread{'s' if s.threads > 1 else ''})" for s in slots)
+    return f"workers: {len(slots)}: {kinds}"
 
 
 @cli.command()

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import json
 from typing import Any, Mapping
 
 RECORD_VERSION = 1
+
+
+def utcnow() -> str:
+    """UTC timestamp used in records, to the millisecond."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class RunStatus(enum.Enum):

@@ -7,8 +7,13 @@ implementation (`results/harness.db`). The schema carries a version; a mismatch 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
+import os
+import socket
 import sqlite3
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -49,12 +54,44 @@ CREATE TABLE IF NOT EXISTS plans (
     seed INTEGER NOT NULL,
     PRIMARY KEY (sweep, run_id)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS runs_by_variant ON runs (variant_id);
 """
 
 
 def _utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_owner() -> str:
+    """A claim owner id: host, pid and a random tag (`host:pid:tag`)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str) -> bool:
+    """False when the owner is a process on this host that no longer exists (its claims are stale
+    at once, no need to wait for the lease); True when alive or not ours to check."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # this owner may train the run now
+    HELD = "held"  # another live owner is training it
+    FINISHED = "finished"  # someone already stored a finished result
 
 
 class ResultStore(Protocol):
@@ -75,6 +112,12 @@ class ResultStore(Protocol):
     def sweep_info(self, sweep: str) -> dict[str, Any] | None: ...
 
     def sweeps(self) -> list[str]: ...
+
+    def claim(self, run_id: str, *, owner: str, lease_s: float) -> Claim: ...
+
+    def renew(self, run_ids: Iterable[str], *, owner: str, lease_s: float) -> None: ...
+
+    def release(self, run_ids: Iterable[str], *, owner: str) -> None: ...
 
 
 class SQLiteStore:
@@ -113,7 +156,7 @@ class SQLiteStore:
                 if statement.strip():
                     self._conn.execute(statement)
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (_utcnow(),))
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (json.dumps(_utcnow()),))
 
     def _transaction(self):
         conn = self._conn
@@ -166,6 +209,7 @@ class SQLiteStore:
                     *finished,
                 ),
             )
+            self._conn.execute("DELETE FROM claims WHERE run_id = ?", (record.run_id,))
 
     def get(self, run_id: str) -> RunRecord | None:
         row = self._conn.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -199,6 +243,62 @@ class SQLiteStore:
 
     def all_records(self) -> list[RunRecord]:
         return [RunRecord.from_json(row[0]) for row in self._conn.execute("SELECT record FROM runs ORDER BY rowid")]
+
+    # ------------------------------------------------------------------ claims
+
+    def claim(self, run_id: str, *, owner: str, lease_s: float) -> Claim:
+        """Claim a run for `owner` for `lease_s` seconds, unless it is finished or claimed by a live owner.
+
+        Two sweeps on one store thus never train the same run at once. The claim of a process that
+        died is stale: at once when it ran on this host, when its lease expires otherwise.
+        """
+        now = time.time()
+        with self._transaction():
+            row = self._conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and RunStatus(row[0]).is_finished():
+                return Claim.FINISHED
+            held = self._conn.execute(
+                "SELECT owner FROM claims WHERE run_id = ? AND expires_at > ? AND owner != ?", (run_id, now, owner)
+            ).fetchone()
+            if held is not None and owner_alive(held[0]):
+                return Claim.HELD
+            self._conn.execute(
+                "INSERT OR REPLACE INTO claims (run_id, owner, expires_at) VALUES (?, ?, ?)",
+                (run_id, owner, now + lease_s),
+            )
+            return Claim.CLAIMED
+
+    def renew(self, run_ids: Iterable[str], *, owner: str, lease_s: float) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        with self._transaction():
+            self._conn.executemany(
+                "UPDATE claims SET expires_at = ? WHERE run_id = ? AND owner = ?",
+                [(time.time() + lease_s, run_id, owner) for run_id in ids],
+            )
+
+    def release(self, run_ids: Iterable[str], *, owner: str) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        with self._transaction():
+            self._conn.executemany("DELETE FROM claims WHERE run_id = ? AND owner = ?", [(r, owner) for r in ids])
+
+    def claims(self) -> dict[str, tuple[str, float]]:
+        return {r: (o, e) for r, o, e in self._conn.execute("SELECT run_id, owner, expires_at FROM claims")}
+
+    # ------------------------------------------------------------------ meta
+
+    def get_meta(self, key: str) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        if key == "schema_version":
+            raise ValueError("schema_version is not set through set_meta")
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     # ------------------------------------------------------------------ plans
 

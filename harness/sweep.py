@@ -6,13 +6,16 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
-from harness.data import Dataset, load_dataset
+from harness.data import Dataset, configured_data_dir, load_dataset
 from harness.plan import PlannedRun, build_plan
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
 from harness.store import ResultStore
+
+if TYPE_CHECKING:
+    from harness.scheduler import WorkerPool
 
 TrainFn = Callable[[PlannedRun, Dataset], RunRecord]
 
@@ -22,6 +25,7 @@ class PreparedSweep:
     spec: SweepSpec
     dataset: Dataset
     runs: tuple[PlannedRun, ...]
+    data_dir: str | None = None  # the resolved data folder, for worker processes to load the same data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +45,11 @@ class SweepOutcome:
 
 def prepare_sweep(spec: SweepSpec, *, data_dir: str | Path | None = None) -> PreparedSweep:
     """Load the data (fingerprint) and plan every run. Raises `DataError`/`SpecError`; writes nothing."""
-    dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=data_dir)
-    return PreparedSweep(spec=spec, dataset=dataset, runs=tuple(build_plan(spec, dataset)))
+    folder = configured_data_dir(data_dir)
+    dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=folder)
+    return PreparedSweep(
+        spec=spec, dataset=dataset, runs=tuple(build_plan(spec, dataset)), data_dir=str(folder) if folder else None
+    )
 
 
 def sweep_info(prepared: PreparedSweep) -> dict:
@@ -123,38 +130,68 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
 
 
 class Progress:
-    """One line per finished run: counts, the run's result and an ETA."""
+    """Live progress: a line per finished run (counts, result, ETA) and, while runs are going,
+    a status line of what each device is doing. The ETA weighs runs by their estimated FLOPs."""
 
-    def __init__(self, total: int, *, stream: TextIO | None = None) -> None:
-        self.total = total
+    def __init__(self, runs: Sequence[PlannedRun] = (), *, stream: TextIO | None = None, every_s: float = 15.0) -> None:
+        self.total = len(runs)
+        self.flops = {r.run_id: max(1, r.estimated_train_flops) for r in runs}
+        self.total_flops = sum(self.flops.values()) or 1
+        self.done_flops = 0
         self.done = 0
         self.failed = 0
+        self.running: dict[str, tuple[str, PlannedRun]] = {}
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
+        self.every_s = every_s
+        self._last_status = self.start
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
-    def started(self, run: PlannedRun) -> None:
-        self._write(f"[{self.done + self.failed + 1}/{self.total}] running {run.variant.name} seed={run.seed}")
+    def eta_s(self) -> float | None:
+        if not self.done_flops:
+            return None
+        elapsed = time.monotonic() - self.start
+        return elapsed * (self.total_flops - self.done_flops) / self.done_flops
+
+    def started(self, run: PlannedRun, device: str = "this process") -> None:
+        self.running[run.run_id] = (device, run)
+        self._write(f"  {device}: start {run.variant.name} seed={run.seed}")
 
     def finished(self, record: RunRecord) -> None:
+        device, _run = self.running.pop(record.run_id, ("", None))
         if record.status.is_failure():
             self.failed += 1
         else:
             self.done += 1
-        finished = self.done + self.failed
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / finished * (self.total - finished) if finished else 0.0
+        self.done_flops += self.flops.get(record.run_id, 1)
         if record.status is RunStatus.DONE:
             result = f"acc {100 * (record.test_accuracy or 0):.2f}%"
             if record.flags:
                 result += " [" + ", ".join(f.value for f in record.flags) + "]"
         else:
             last = (record.error or "").strip().splitlines()[-1:] or [""]
-            result = f"{record.status.value.upper()}: {last[0][:100]}"
+            result = f"{record.status.value.upper()}: {last[0][:120]}"
         self._write(
-            f"[{finished}/{self.total}] {record.variant} seed={record.seed}: {result} "
-            f"({record.timings.get('wall_s', 0):.1f}s) | done {self.done} failed {self.failed} "
-            f"pending {self.total - finished} | ETA {_fmt_duration(eta)}"
+            f"[{self.done + self.failed}/{self.total}] {device + ': ' if device else ''}{record.variant} seed={record.seed}: "
+            f"{result} ({record.timings.get('wall_s', 0):.1f}s) | {self.counts()}"
         )
+
+    def counts(self) -> str:
+        finished = self.done + self.failed
+        eta = self.eta_s()
+        return (
+            f"done {self.done} failed {self.failed} running {len(self.running)} "
+            f"pending {self.total - finished - len(self.running)} | ETA {'?' if eta is None else _fmt_duration(eta)}"
+        )
+
+    def tick(self, active: Sequence[tuple[Any, PlannedRun, float]]) -> None:
+        """Called by the scheduler while it waits: every `every_s`, one line of device activity."""
+        now = time.monotonic()
+        if not active or now - self._last_status < self.every_s:
+            return
+        self._last_status = now
+        busy = ", ".join(f"{getattr(slot, 'name', slot)} {run.variant.name[:24]} s{run.seed} {age:.0f}s" for slot, run, age in active)
+        self._write(f"  running: {busy} | {self.counts()}")
 
     def _write(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -165,31 +202,78 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def order_longest_first(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
+    """Longest expected runs first (estimated training FLOPs), so no long run starts last."""
+    return sorted(runs, key=lambda r: -r.estimated_train_flops)
+
+
+def run_inline(
+    runs: Sequence[PlannedRun],
+    *,
+    store: ResultStore,
+    dataset: Dataset,
+    train_fn: TrainFn,
+    retries: int = 0,
+    progress: Progress,
+) -> list[RunRecord]:
+    """Train in this process, one run after another (debugging, tests with a fake train function)."""
+    from harness.store import Claim, make_owner
+
+    owner = make_owner()
+    records = []
+    for run in runs:
+        for _attempt in range(retries + 1):
+            claim = store.claim(run.run_id, owner=owner, lease_s=24 * 3600)
+            if claim is not Claim.CLAIMED:
+                break
+            progress.started(run)
+            try:
+                record = train_fn(run, dataset)
+            except BaseException:
+                store.release([run.run_id], owner=owner)
+                raise
+            store.put(record)
+            records.append(record)
+            progress.finished(record)
+            if record.status is not RunStatus.FAILED:
+                break
+    return records
+
+
 def run_sweep(
     prepared: PreparedSweep,
     *,
     store: ResultStore,
     rerun_failed: bool = False,
+    retries: int = 0,
     train_fn: TrainFn | None = None,
+    pool: "WorkerPool | None" = None,
     progress: Progress | None = None,
 ) -> SweepOutcome:
-    """Train every planned run the store does not already hold, storing each as soon as it ends."""
-    if train_fn is None:
-        from harness.train import train_run as train_fn  # TensorFlow only now
+    """Train every planned run the store does not already hold, longest first, storing each as it ends.
 
+    With `pool`, runs go to worker processes; otherwise they train in this process with `train_fn`
+    (default: `harness.train.train_run`).
+    """
     store.save_plan(
         prepared.spec.name,
         source=prepared.spec.source,
         info=sweep_info(prepared),
         runs=[(r.run_id, r.variant.name, r.seed) for r in prepared.runs],
     )
-    todo = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
-    progress = progress or Progress(len(todo))
-    records = []
-    for run in todo:
-        progress.started(run)
-        record = train_fn(run, prepared.dataset)
-        store.put(record)
-        records.append(record)
-        progress.finished(record)
+    todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=rerun_failed))
+    progress = progress or Progress(todo)
+    if pool is not None:
+        records = pool.run(
+            todo,
+            store,
+            retries=retries,
+            on_start=lambda run, slot: progress.started(run, slot.name),
+            on_record=progress.finished,
+            on_tick=progress.tick,
+        )
+    else:
+        if train_fn is None:
+            from harness.train import train_run as train_fn  # TensorFlow only now
+        records = run_inline(todo, store=store, dataset=prepared.dataset, train_fn=train_fn, retries=retries, progress=progress)
     return SweepOutcome(planned=len(prepared.runs), skipped=len(prepared.runs) - len(todo), records=tuple(records))

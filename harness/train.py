@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import math
 import os
@@ -15,14 +14,26 @@ from harness import __version__
 from harness.architecture import uses_images
 from harness.data import Dataset, prepare_inputs, prepare_targets
 from harness.plan import PlannedRun
-from harness.records import RunFlag, RunRecord, RunStatus
+from harness.records import RunFlag, RunRecord, RunStatus, utcnow
 from harness.spec import ModelConfig, Optimizer
 
 NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a collapse
 
 
-def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def warm_up() -> None:
+    """Import TensorFlow and Keras once, when a worker starts, and apply the worker's pinning:
+    its thread counts (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS) and GPU memory growth."""
+    import keras  # noqa: F401
+    import tensorflow as tf
+
+    intra = os.environ.get("TF_NUM_INTRAOP_THREADS")
+    inter = os.environ.get("TF_NUM_INTEROP_THREADS")
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(int(intra))
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(int(inter))
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
 
 
 def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int):
@@ -124,7 +135,7 @@ def _floats(values) -> list[float]:
 
 def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
     """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash."""
-    started_at = _utcnow()
+    started_at = utcnow()
     start = time.perf_counter()
     base = dict(
         run_id=run.run_id,
@@ -216,7 +227,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             versions=versions,
             error="loss became NaN or infinite" if diverged else None,
             flags=flags,
-            finished_at=_utcnow(),
+            finished_at=utcnow(),
         )
     except Exception:  # noqa: BLE001 - a failed run is a record, the sweep goes on
         return RunRecord(
@@ -226,7 +237,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             device=device,
             versions=versions,
             error=traceback.format_exc(),
-            finished_at=_utcnow(),
+            finished_at=utcnow(),
         )
     finally:
         release_memory()

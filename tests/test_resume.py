@@ -82,3 +82,29 @@ def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_pa
         assert all(s.attempts(r.run_id) == 1 for r in records), "a run was trained twice"
         for run_id, before in survivors.items():
             assert s.get(run_id) == before  # the finished runs were kept as they were
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
+    store = tmp_path / "h.db"
+    proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    deadline = time.monotonic() + 240
+    while finished_count(store) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+
+    with SQLiteStore(store, create=False) as s:
+        statuses = s.statuses(r for r, _v, _s in s.plan("crashy"))
+        assert statuses and all(v.value == "done" for v in statuses.values())  # nothing half-recorded
+        assert s.claims() == {}  # the interrupted runs were released, not left claimed
+    kept = len(statuses)
+
+    resumed = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{kept} already in the store, {6 - kept} trained" in out

@@ -90,3 +90,31 @@ def test_missing_store_without_create(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no results store"):
         SQLiteStore(tmp_path / "none.db", create=False)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_claims_block_others_until_released_or_expired(store: SQLiteStore) -> None:
+    from harness.store import Claim
+
+    alive = f"{__import__('socket').gethostname()}:{__import__('os').getpid()}:a"
+    assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED
+    assert store.claim("r1", owner="elsewhere:1:b", lease_s=60) is Claim.HELD
+    assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED  # re-entrant for its owner
+    store.release(["r1"], owner=alive)
+    assert store.claim("r1", owner="elsewhere:1:b", lease_s=-1) is Claim.CLAIMED  # expired at once
+    assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED
+    store.put(make_record())
+    assert store.claims() == {} and store.claim("r1", owner="elsewhere:1:b", lease_s=60) is Claim.FINISHED
+
+
+def test_claim_of_a_dead_local_process_is_stale_at_once(store: SQLiteStore) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from harness.store import Claim
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:x"
+    assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.CLAIMED
+    assert store.claim("r1", owner="remote-host:1:y", lease_s=60) is Claim.CLAIMED
+    assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.HELD  # remote owner: trust its lease

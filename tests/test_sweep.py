@@ -48,7 +48,7 @@ def prepared(tmp_path: Path, data_dir: Path):
 
 
 def quiet() -> Progress:
-    return Progress(0, stream=io.StringIO())
+    return Progress((), stream=io.StringIO())
 
 
 def test_plan_is_variant_times_seed_with_unique_ids(prepared) -> None:
@@ -104,12 +104,13 @@ def test_dry_run_listing_shows_params_and_done(prepared, tmp_path: Path) -> None
 
 def test_progress_reports_counts_and_eta(prepared) -> None:
     stream = io.StringIO()
-    progress = Progress(2, stream=stream)
+    progress = Progress(prepared.runs[:2], stream=stream)
     trainer = FakeTrainer(fail={("mlp_32", 1)})
     for run in prepared.runs[:2]:
         progress.started(run)
         progress.finished(trainer(run, None))
     lines = stream.getvalue().splitlines()
-    assert "running mlp_32 seed=0" in lines[0]
-    assert "acc 90.00%" in lines[1] and "done 1 failed 0 pending 1" in lines[1] and "ETA" in lines[1]
-    assert "FAILED: ValueError: bad luck" in lines[3] and "done 1 failed 1 pending 0" in lines[3]
+    assert "start mlp_32 seed=0" in lines[0]
+    assert "acc 90.00%" in lines[1] and "done 1 failed 0 running 0 pending 1" in lines[1]
+    assert "ETA 0:00:00" in lines[1] or "ETA 0:00:01" in lines[1]  # half the FLOPs done almost at once
+    assert "FAILED: ValueError: bad luck" in lines[3] and "done 1 failed 1 running 0 pending 0" in lines[3]

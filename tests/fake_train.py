@@ -1,0 +1,78 @@
+"""Train functions for scheduler tests: no TensorFlow, behaviour chosen by seed.
+
+They run inside real worker processes (spawned), so they live in an importable module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from harness.records import RunRecord, RunStatus, utcnow
+
+LOG_ENV = "HARNESS_FAKE_LOG"  # file each call appends a JSON line to
+
+
+def _log(run, **extra) -> None:
+    path = os.environ.get(LOG_ENV)
+    if path:
+        line = json.dumps({"run_id": run.run_id, "seed": run.seed, "pid": os.getpid(), **extra}) + "\n"
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+
+def _record(run, status=RunStatus.DONE, error=None) -> RunRecord:
+    return RunRecord(
+        run_id=run.run_id,
+        sweep=run.sweep,
+        variant=run.variant.name,
+        variant_id=run.variant.variant_id,
+        seed=run.seed,
+        status=status,
+        config=run.variant.model.model_dump(mode="json"),
+        budget=run.budget,
+        dataset=run.dataset,
+        metrics={"test_accuracy": 0.9} if status is RunStatus.DONE else {},
+        timings={"wall_s": 0.01, "train_s": 0.01},
+        device=json.dumps(
+            {
+                "pid": os.getpid(),
+                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS"),
+                "TF_FORCE_GPU_ALLOW_GROWTH": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+            }
+        ),
+        error=error,
+        finished_at=utcnow(),
+    )
+
+
+def ok(run, dataset) -> RunRecord:
+    _log(run)
+    time.sleep(float(os.environ.get("HARNESS_FAKE_SLEEP", "0.05")))
+    return _record(run)
+
+
+def crashy(run, dataset) -> RunRecord:
+    """seed 1: the process is killed (as the OOM killer does); 2: raises; 3: hangs; others fine."""
+    _log(run)
+    if run.seed == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if run.seed == 2:
+        raise ValueError("shape mismatch in layer dense_7")
+    if run.seed == 3:
+        time.sleep(600)
+    return _record(run)
+
+
+def flaky(run, dataset) -> RunRecord:
+    """Fails the first attempt of every run (a marker file per run remembers), then succeeds."""
+    _log(run)
+    marker = Path(os.environ[LOG_ENV]).with_name(f"tried-{run.run_id}")
+    if not marker.exists():
+        marker.touch()
+        return _record(run, RunStatus.FAILED, "Traceback...\nRuntimeError: transient")
+    return _record(run)

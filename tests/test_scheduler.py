@@ -1,0 +1,230 @@
+"""The worker pool with real worker processes (fake train functions: no TensorFlow, fast)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.devices import Gpu, plan_workers
+from harness.records import RunStatus
+from harness.scheduler import DataSource, WorkerPool
+from harness.spec import load_sweep
+from harness.store import SQLiteStore
+from harness.sweep import Progress, order_longest_first, prepare_sweep, run_sweep
+
+from conftest import tiny_sweep_text, write_sweep
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path, data_dir: Path):
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=4, train=600, test=100)))
+    return prepare_sweep(spec, data_dir=data_dir)
+
+
+@pytest.fixture()
+def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("HARNESS_FAKE_LOG", str(path))
+    return path
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pool_for(prepared, train_fn: str, *, workers: int = 2, **kwargs) -> WorkerPool:
+    slots = plan_workers(gpus=[], pending=len(prepared.runs), cpu_count=workers)
+    source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
+    return WorkerPool(slots, source=source, train_fn=f"fake_train:{train_fn}", **kwargs)
+
+
+def quiet(runs=()) -> Progress:
+    return Progress(runs, stream=io.StringIO())
+
+
+def test_long_lived_workers_train_every_run_once(prepared, log: Path, tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "h.db") as store:
+        pool = pool_for(prepared, "ok")
+        outcome = run_sweep(prepared, store=store, pool=pool, progress=quiet())
+        assert outcome.trained == 8 and outcome.failed == 0
+        statuses = store.statuses(r.run_id for r in prepared.runs)
+        assert len(statuses) == 8 and all(s is RunStatus.DONE for s in statuses.values())
+        assert store.claims() == {}  # every claim released with its result
+    made = calls(log)
+    assert sorted(c["run_id"] for c in made) == sorted(r.run_id for r in prepared.runs)
+    assert len({c["pid"] for c in made}) == 2  # two processes shared eight runs
+    assert pool.stats.worker_starts == 2
+    assert len(pool.stats.overhead_s) >= 8
+
+
+def test_workers_are_pinned_by_their_slot_env(prepared, log: Path, tmp_path: Path) -> None:
+    """Simulated GPUs: each worker sees only its own device and the memory-growth switch."""
+    gpus = [Gpu(0, "sim"), Gpu(1, "sim")]
+    slots = plan_workers(gpus=gpus, pending=8, cpu_count=4, runs_per_gpu=2)
+    source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
+    pool = WorkerPool(slots, source=source, train_fn="fake_train:ok")
+    with SQLiteStore(tmp_path / "h.db") as store:
+        records = pool.run(prepared.runs, store)
+    seen = [json.loads(r.device) for r in records]
+    assert {s["CUDA_VISIBLE_DEVICES"] for s in seen} <= {"0", "1"}
+    assert all(s["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" and s["TF_NUM_INTRAOP_THREADS"] == "1" for s in seen)
+    pids_per_gpu = Counter()
+    for s in {(s["pid"], s["CUDA_VISIBLE_DEVICES"]) for s in seen}:
+        pids_per_gpu[s[1]] += 1
+    assert max(pids_per_gpu.values()) <= 2
+
+
+def test_failures_are_isolated(prepared, log: Path, tmp_path: Path) -> None:
+    """A killed worker, a raising run and a hung run each become a FAILED record; the rest finish."""
+    with SQLiteStore(tmp_path / "h.db") as store:
+        pool = pool_for(prepared, "crashy", timeout_s=3.0)
+        outcome = run_sweep(prepared, store=store, pool=pool, progress=quiet())
+        by_seed = {}
+        for record in store.records(r.run_id for r in prepared.runs):
+            by_seed.setdefault(record.seed, []).append(record)
+    assert outcome.trained == 8
+    assert all(r.status is RunStatus.DONE for r in by_seed[0])
+    assert all(r.status is RunStatus.FAILED and "died (signal SIGKILL)" in r.error for r in by_seed[1])
+    assert all(r.status is RunStatus.FAILED and "ValueError: shape mismatch" in r.error for r in by_seed[2])
+    assert all(r.status is RunStatus.FAILED and "timed out after 3 s" in r.error for r in by_seed[3])
+    assert pool.stats.worker_starts == 2 + 4  # each kill and each timeout got a fresh worker
+
+
+def test_retries_rerun_failed_runs_within_the_sweep(prepared, log: Path, tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "h.db") as store:
+        outcome = run_sweep(prepared, store=store, pool=pool_for(prepared, "flaky"), retries=1, progress=quiet())
+        assert all(s is RunStatus.DONE for s in store.statuses(r.run_id for r in prepared.runs).values())
+        assert all(store.attempts(r.run_id) == 2 for r in prepared.runs)
+    assert outcome.trained == 16 and len(calls(log)) == 16
+
+
+def test_stale_claim_expires_and_live_claim_is_respected(prepared, log: Path, tmp_path: Path) -> None:
+    ghost, live = prepared.runs[0], prepared.runs[1]
+    with SQLiteStore(tmp_path / "h.db") as store:
+        store.claim(ghost.run_id, owner="dead-sweep", lease_s=-1.0)  # already expired
+        store.claim(live.run_id, owner="other-sweep", lease_s=2.0)
+        start = time.monotonic()
+        pool = pool_for(prepared, "ok", lease_s=1.0)
+        pool.run(prepared.runs, store)
+        assert all(s is RunStatus.DONE for s in store.statuses(r.run_id for r in prepared.runs).values())
+    order = [c["run_id"] for c in calls(log)]
+    assert order.count(ghost.run_id) == 1 and order.count(live.run_id) == 1
+    assert order.index(live.run_id) == len(order) - 1  # trained only once the other lease ran out
+    assert time.monotonic() - start >= 1.5
+
+
+CONCURRENT = """
+import sys
+from harness.devices import plan_workers
+from harness.scheduler import DataSource, WorkerPool
+from harness.spec import load_sweep
+from harness.store import SQLiteStore
+from harness.sweep import prepare_sweep
+
+
+def main():
+    prepared = prepare_sweep(load_sweep(sys.argv[1]), data_dir=sys.argv[3])
+    slots = plan_workers(gpus=[], pending=len(prepared.runs), cpu_count=2)
+    source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
+    with SQLiteStore(sys.argv[2]) as store:
+        WorkerPool(slots, source=source, train_fn="fake_train:ok").run(prepared.runs, store)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_store_never_train_a_run_twice(prepared, log: Path, tmp_path: Path, data_dir: Path) -> None:
+    script = tmp_path / "one_sweep.py"
+    script.write_text(CONCURRENT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]), "HARNESS_FAKE_SLEEP": "1.0"}
+    store = tmp_path / "h.db"
+    SQLiteStore(store).close()
+    args = [sys.executable, str(script), prepared.spec.source, str(store), str(data_dir)]
+    procs = [subprocess.Popen(args, env=env) for _ in range(2)]
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    made = Counter(c["run_id"] for c in calls(log))
+    assert sorted(made) == sorted(r.run_id for r in prepared.runs)
+    assert set(made.values()) == {1}, made
+    assert len({c["pid"] for c in calls(log)}) >= 3  # both sweeps did part of the work
+
+
+ORPHAN = """
+import sys
+from harness.devices import plan_workers
+from harness.scheduler import DataSource, WorkerPool
+from harness.spec import load_sweep
+from harness.store import SQLiteStore
+from harness.sweep import prepare_sweep
+
+
+def main():
+    prepared = prepare_sweep(load_sweep(sys.argv[1]), data_dir=sys.argv[3])
+    slots = plan_workers(gpus=[], pending=len(prepared.runs), cpu_count=2)
+    source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
+    with SQLiteStore(sys.argv[2]) as store:
+        WorkerPool(slots, source=source, train_fn="fake_train:crashy").run(prepared.runs[3:], store)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_parent_leaves_no_orphan_workers(prepared, log: Path, tmp_path: Path, data_dir: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    parent = subprocess.Popen([sys.executable, str(script), prepared.spec.source, str(tmp_path / "h.db"), str(data_dir)], env=env)
+    deadline = time.monotonic() + 60
+    while not any(c["seed"] == 3 for c in calls(log)):  # a worker is now hanging in a run
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    workers = {c["pid"] for c in calls(log)}
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived their killed parent"
+
+
+def test_longest_runs_first(prepared) -> None:
+    ordered = order_longest_first(prepared.runs)
+    flops = [r.estimated_train_flops for r in ordered]
+    assert flops == sorted(flops, reverse=True)
+    assert ordered[0].variant.name == "cnn_8"
+
+
+def test_progress_line_shows_device_activity(prepared) -> None:
+    stream = io.StringIO()
+    progress = Progress(prepared.runs, stream=stream, every_s=0.0)
+    progress.started(prepared.runs[0], "gpu0.1")
+    progress.tick([("gpu0.1", prepared.runs[0], 12.0)])
+    text = stream.getvalue()
+    assert "gpu0.1: start mlp_32 seed=0" in text
+    assert "running: gpu0.1 mlp_32 s0 12s" in text and "running 1 pending 7" in text
