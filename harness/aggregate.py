@@ -68,18 +68,23 @@ def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float
     return mean, std, mean - half, mean + half
 
 
-def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Per variant: n, failures, mean/std/95% CI/min/max of test accuracy, params, train time, rank.
+def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: float = 0.05) -> pd.DataFrame:
+    """Per variant: n, failures, mean/std/95% CI/min/max of test accuracy, train time and params,
+    rank, whether it is statistically distinguishable from the best, and a verdict per reference.
 
     `variants` (from the stored sweep info) fixes the order and brings the published references,
     so a variant with no finished run still shows up, with its failures.
     """
     rows = []
+    samples: dict[str, list[float]] = {}
     for info in variants:
         mine = runs[runs["variant"] == info["name"]]
         done = mine[mine["status"] == RunStatus.DONE.value]
         acc = done["test_accuracy"].dropna().tolist()
+        samples[info["name"]] = acc
         mean, std, low, high = mean_ci(acc)
+        train = done["train_s"].dropna().tolist()
+        reference = list(info.get("reference") or [])
         rows.append(
             {
                 "variant": info["name"],
@@ -94,8 +99,10 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]]) -> pd.Data
                 "min": min(acc) if acc else math.nan,
                 "max": max(acc) if acc else math.nan,
                 "params": int(info.get("params") or (done["params"].iloc[0] if len(done) else 0)),
-                "train_s": float(done["train_s"].mean()) if len(done) else math.nan,
-                "reference": list(info.get("reference") or []),
+                "train_s": float(np.mean(train)) if train else math.nan,
+                "train_s_std": float(np.std(train, ddof=1)) if len(train) > 1 else math.nan,
+                "reference": reference,
+                "verdicts": [reference_verdict(r, low, high) for r in reference],
             }
         )
     frame = pd.DataFrame(rows)
@@ -104,4 +111,72 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]]) -> pd.Data
     frame["rank"] = frame["mean"].rank(ascending=False, method="min")
     frame = frame.sort_values(["rank", "variant"], na_position="last", kind="stable").reset_index(drop=True)
     frame["rank"] = frame["rank"].astype("Int64")
+    best = frame["variant"].iloc[0] if frame["n"].iloc[0] else None
+    p_values, tied = [], []
+    for name in frame["variant"]:
+        p = welch_p(samples[name], samples[best]) if best else math.nan
+        p_values.append(0.0 if name == best else p)
+        tied.append(name == best or (not math.isnan(p) and p >= alpha))
+    frame["p_vs_best"] = p_values
+    frame["tied_with_best"] = tied
     return frame
+
+
+def welch_p(a: Sequence[float], b: Sequence[float], *, alternative: str = "two-sided") -> float:
+    """Welch's t-test p-value (unequal variances); NaN when either side has fewer than 2 runs."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    from scipy import stats
+
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
+
+
+def reference_verdict(reference: float, low: float, high: float) -> str:
+    """Where a published number falls against our 95% interval: inside, above or below it."""
+    if math.isnan(low) or math.isnan(high):
+        return "untested"
+    if reference > high:
+        return "above"
+    if reference < low:
+        return "below"
+    return "inside"
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def sweep_utilisation(records: Sequence[RunRecord], calibrations: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Model-FLOPs utilisation of a sweep: estimated training FLOPs of its finished runs over the
+    sweep's wall-clock span, against the calibrated matmul peak of the devices it used."""
+    finished = [r for r in records if r.status.is_finished() and r.metrics.get("estimated_train_flops")]
+    starts = [t for t in (_parse_time(r.started_at) for r in finished) if t is not None]
+    ends = [t for t in (_parse_time(r.finished_at) for r in finished) if t is not None]
+    flops = float(sum(r.metrics["estimated_train_flops"] for r in finished))
+    span = (max(ends) - min(starts)) if starts and ends else math.nan
+    gpu_devices = {r.device for r in finished if "GPU" in r.device}
+    kind = "gpu" if gpu_devices else "cpu"
+    calibration = (calibrations or {}).get(kind)
+    devices = max(1, len(gpu_devices)) if kind == "gpu" else 1
+    peak = calibration["flops_per_s"] * devices if calibration else math.nan
+    achieved = flops / span if span and span > 0 else math.nan
+    return {
+        "runs": len(finished),
+        "flops": flops,
+        "span_s": span,
+        "achieved_flops_per_s": achieved,
+        "kind": kind,
+        "devices": devices,
+        "peak_flops_per_s": peak,
+        "calibrated_on": calibration.get("device") if calibration else None,
+        "mfu": achieved / peak if calibration and peak > 0 else math.nan,
+    }

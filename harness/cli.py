@@ -1,6 +1,7 @@
 """Thin click CLI: parse, call one plain function, map user errors to one line and exit code 2.
 
-Only this module decides exit codes: 0 ok, 1 some runs failed, 2 bad input, 130 interrupted.
+Only this module decides exit codes: 0 ok, 1 some runs failed (sweep) or a regression (regress),
+2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ def sweep(
         seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None
     )
     use_gpus = parse_gpu_list(gpus) if gpus is not None else None
-    prepared = prepare_sweep(spec, data_dir=data_dir)
     cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     detected = detect_gpus() if use_gpus != [] else []
 
@@ -107,22 +107,35 @@ def sweep(
         )
 
     if dry_run:
+        prepared = prepare_sweep(spec, data_dir=data_dir)
         store = SQLiteStore(store_path, create=False) if store_path.exists() else None
         pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs
         click.echo(format_plan(prepared, store))
         click.echo(_describe_slots(worker_slots(len(pending)), in_process))
         return
-    with SQLiteStore(store_path) as store:
-        pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
-        pool = None
-        if pending and not in_process:
-            from harness.scheduler import DataSource, WorkerPool
 
-            slots = worker_slots(len(pending))
-            click.echo(_describe_slots(slots, in_process), err=True)
-            source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=prepared.data_dir)
-            pool = WorkerPool(slots, source=source, timeout_s=timeout_s)
-        outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed, retries=retries, pool=pool)
+    pool = None
+    if not in_process:
+        from harness.data import configured_data_dir
+        from harness.scheduler import DataSource, WorkerPool
+
+        # Start the workers first: they import TensorFlow and load the data while this process
+        # plans the sweep. Sized for every run; idle ones are stopped when the sweep ends.
+        folder = configured_data_dir(data_dir)
+        source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=str(folder) if folder else None)
+        pool = WorkerPool(worker_slots(len(spec.variants) * len(spec.seeds)), source=source, timeout_s=timeout_s)
+        pool.start()
+    try:
+        prepared = prepare_sweep(spec, data_dir=data_dir)
+        with SQLiteStore(store_path) as store:
+            if pool is not None:
+                click.echo(_describe_slots(pool.slots, in_process), err=True)
+            outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed, retries=retries, pool=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if pool is not None and outcome.trained:
+        click.echo(pool.stats.describe(), err=True)
     click.echo(
         f"sweep {spec.name}: {outcome.planned} runs planned, {outcome.skipped} already in the store, "
         f"{outcome.trained} trained ({outcome.failed} failed or diverged); store {store_path}"
@@ -143,22 +156,98 @@ def _describe_slots(slots, in_process: bool) -> str:
 @click.option("--sweep", "sweep_name", default=None, help="Sweep name (default: every sweep in the store).")
 @store_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file (default reports/NAME.md).")
+              help="Output file (default reports/NAME.md, or reports/NAME.csv with --format csv).")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True,
+              help="md: leaderboard with plots; csv: every run as one row.")
+@click.option("--no-plots", is_flag=True, help="Markdown only, no PNG/SVG plots.")
 @_user_errors
-def report(sweep_name: str | None, store_path: Path, out: Path | None) -> None:
-    """Write the markdown leaderboard of a sweep."""
-    from harness.report import write_report
+def report(sweep_name: str | None, store_path: Path, out: Path | None, fmt: str, no_plots: bool) -> None:
+    """Write the markdown leaderboard of a sweep (and its plots), or a CSV of its runs."""
+    from harness.report import write_export, write_report
     from harness.store import SQLiteStore
 
     with SQLiteStore(store_path, create=False) as store:
-        names = [sweep_name] if sweep_name else store.sweeps()
-        if not names:
-            raise UserError("the store holds no sweep yet", file=str(store_path))
-        if out is not None and len(names) > 1:
-            raise UserError("--out needs --sweep when the store holds several sweeps", key="--out")
-        for name in names:
-            path = write_report(store, name, out=out)
+        for name in _sweep_names(store, store_path, sweep_name, out):
+            if fmt == "csv":
+                path = write_export(store, name, out=out)
+            else:
+                path = write_report(store, name, out=out, with_plots=not no_plots)
             click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--sweep", "sweep_name", default=None, help="Sweep name (default: every sweep in the store).")
+@store_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default reports/NAME.csv.")
+@_user_errors
+def export(sweep_name: str | None, store_path: Path, out: Path | None) -> None:
+    """Every run of a sweep as one CSV row, for pandas users."""
+    from harness.report import write_export
+    from harness.store import SQLiteStore
+
+    with SQLiteStore(store_path, create=False) as store:
+        for name in _sweep_names(store, store_path, sweep_name, out):
+            click.echo(f"wrote {write_export(store, name, out=out)}")
+
+
+def _sweep_names(store, store_path: Path, sweep_name: str | None, out: Path | None) -> list[str]:
+    names = [sweep_name] if sweep_name else store.sweeps()
+    if not names:
+        raise UserError("the store holds no sweep yet", file=str(store_path))
+    if out is not None and len(names) > 1:
+        raise UserError("--out needs --sweep when the store holds several sweeps", key="--out")
+    return names
+
+
+@cli.group()
+def baseline() -> None:
+    """Baselines for the nightly regression check."""
+
+
+@baseline.command("save")
+@click.option("--sweep", "sweep_name", required=True, help="Sweep whose per-seed accuracies become the baseline.")
+@store_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Default reports/baselines/NAME.json (meant to be committed).")
+@_user_errors
+def baseline_save(sweep_name: str, store_path: Path, out: Path | None) -> None:
+    """Store a sweep's per-seed test accuracies as a versioned JSON baseline."""
+    from harness.regress import save_baseline
+    from harness.store import SQLiteStore
+
+    with SQLiteStore(store_path, create=False) as store:
+        click.echo(f"wrote {save_baseline(store, sweep_name, out=out)}")
+
+
+@cli.command()
+@click.option("--sweep", "sweep_name", required=True)
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@store_option
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.2, show_default=True,
+              help="Smallest drop in mean accuracy (points) that can count as a regression.")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Significance level of the one-sided Welch t-test.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary here.")
+@click.option("--fail-on-missing", is_flag=True, help="Exit 1 when a baseline variant has no result tonight.")
+@_user_errors
+def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: float, alpha: float,
+            out: Path | None, fail_on_missing: bool) -> None:
+    """Compare the latest results with a baseline; exit 1 on a regression."""
+    from harness.regress import Verdict, compare, current_accuracies, load_baseline, render_comparison
+    from harness.report import atomic_write
+    from harness.store import SQLiteStore
+
+    base = load_baseline(baseline_path)
+    with SQLiteStore(store_path, create=False) as store:
+        accuracies, ids = current_accuracies(store, sweep_name)
+    rows = compare(base, accuracies, threshold=threshold, alpha=alpha, current_ids=ids)
+    text = render_comparison(rows, sweep=sweep_name, baseline_path=str(baseline_path), threshold=threshold, alpha=alpha)
+    click.echo(text)
+    if out is not None:
+        atomic_write(out, text)
+    verdicts = {r.verdict for r in rows}
+    if Verdict.REGRESSED in verdicts or (fail_on_missing and Verdict.MISSING in verdicts):
+        sys.exit(EXIT_RUNS_FAILED)
 
 
 @cli.command()
@@ -180,6 +269,24 @@ def status(store_path: Path) -> None:
             f"{row['sweep']:<28} {row['planned']:>8} {row['done']:>6} {row['diverged']:>9} "
             f"{row['failed']:>7} {row['pending']:>8}"
         )
+
+
+@cli.command()
+@store_option
+@click.option("--size", type=click.IntRange(min=64), default=None, help="Matrix size (default 2048 CPU, 8192 GPU).")
+@_user_errors
+def calibrate(store_path: Path, size: int | None) -> None:
+    """Time a large matmul: the peak FLOP/s that reports measure model-FLOPs utilisation against."""
+    from harness.store import SQLiteStore
+    from harness.train import measure_peak_flops
+
+    result = measure_peak_flops(size=size)
+    with SQLiteStore(store_path) as store:
+        store.set_meta(f"calibration:{result['kind']}", result)
+    click.echo(
+        f"peak {result['flops_per_s'] / 1e9:.1f} GFLOP/s on {result['device']} "
+        f"({result['size']}x{result['size']} float32 matmul, best of 10); saved in {store_path}"
+    )
 
 
 def main() -> None:

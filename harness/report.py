@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from harness import __version__
-from harness.aggregate import runs_frame, summarize
+from harness.aggregate import runs_frame, summarize, sweep_utilisation
 from harness.errors import UserError
 from harness.records import RunRecord
 from harness.store import ResultStore
@@ -27,6 +27,7 @@ class SweepResults:
     planned: int
     runs: pd.DataFrame
     summary: pd.DataFrame
+    utilisation: dict[str, Any]
 
 
 def load_results(store: ResultStore, sweep: str) -> SweepResults:
@@ -45,6 +46,9 @@ def load_results(store: ResultStore, sweep: str) -> SweepResults:
         planned=len(plan),
         runs=runs,
         summary=summarize(runs, info["variants"]),
+        utilisation=sweep_utilisation(
+            records, {kind: store.get_meta(f"calibration:{kind}") for kind in ("cpu", "gpu")}
+        ),
     )
 
 
@@ -56,19 +60,23 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_leaderboard(results: SweepResults, *, generated_at: str | None = None) -> str:
+def render_leaderboard(
+    results: SweepResults, *, generated_at: str | None = None, plots: dict[str, str] | None = None
+) -> str:
+    """The markdown report. `plots` maps plot names to paths relative to the report file."""
     info, summary, runs = results.info, results.summary, results.runs
     dataset = info.get("dataset", {})
     generated_at = generated_at or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     finished = int(runs["status"].isin(["done", "diverged"]).sum()) if len(runs) else 0
     failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
-    lines = [
-        f"# Leaderboard: {results.name}",
-        "",
-        info.get("description") or "",
-        "",
+    lines = [f"# Leaderboard: {results.name}", ""]
+    if info.get("description"):
+        lines += [info["description"].strip(), ""]
+    lines += [
         f"Test accuracy (%) over seeds {info.get('seeds')}: mean, sample std (ddof=1) and 95% Student-t interval. "
-        f"n counts finished runs; failures are failed or diverged runs, never dropped silently.",
+        "n counts finished runs; failures are failed or diverged runs, never dropped silently. "
+        "**bold** rank: statistically indistinguishable from the best (Welch t-test, p >= 0.05). "
+        "Published numbers are marked inside, above or below our interval.",
         "",
         f"Runs: {results.planned} planned, {finished} finished, {failed} failed, "
         f"{results.planned - len(runs)} not run yet.",
@@ -78,8 +86,12 @@ def render_leaderboard(results: SweepResults, *, generated_at: str | None = None
     ]
     for row in summary.itertuples(index=False):
         rank = "—" if pd.isna(row.rank) else str(int(row.rank))
+        if rank != "—" and row.tied_with_best:
+            rank = f"**{rank}**"
         ci = "—" if math.isnan(row.ci_low) else f"[{row.ci_low:.2f}, {row.ci_high:.2f}]"
-        reference = ", ".join(f"{r:g}" for r in row.reference) or "—"
+        reference = ", ".join(
+            f"{r:g}" + ("" if v == "untested" else f" ({v})") for r, v in zip(row.reference, row.verdicts)
+        ) or "—"
         failures = str(row.failures)
         if row.diverged:
             failures += f" ({row.diverged} diverged)"
@@ -90,6 +102,17 @@ def render_leaderboard(results: SweepResults, *, generated_at: str | None = None
             f"| {rank} | {name} | {_pct(row.mean)} | {_pct(row.std)} | {ci} | {row.n} | {failures} | "
             f"{reference} | {row.params:,} | {_pct(row.train_s, 1)} |"
         )
+    if plots:
+        lines += ["", "## Plots", ""]
+        captions = {
+            "accuracy": "Mean and 95% CI per variant, each seed a dot, published numbers as red crosses",
+            "learning_curves": "Learning curves: mean over seeds with a 95% band",
+            "accuracy_vs_params": "Accuracy against parameters, Pareto front in red",
+            "accuracy_vs_train_s": "Accuracy against train time, Pareto front in red",
+            "grid_heatmap": "Mean accuracy over the two grid axes",
+        }
+        for name, path in plots.items():
+            lines += [f"### {captions.get(name, name)}", "", f"![{name}]({path})", ""]
     problems = runs[runs["status"].isin(["failed", "diverged"])] if len(runs) else runs
     if len(problems):
         lines += ["", "## Failures", "", "| Variant | Seed | Status | Cause |", "|---|---:|---|---|"]
@@ -105,14 +128,38 @@ def render_leaderboard(results: SweepResults, *, generated_at: str | None = None
         f"- sweep file: `{info.get('source')}` (planned {info.get('planned_at')})",
         f"- dataset: {dataset.get('name')} from `{dataset.get('source')}`, {dataset.get('n_train')} train / "
         f"{dataset.get('n_test')} test images, fingerprint `{dataset.get('fingerprint')}`",
-        f"- budget: epochs and batch size per variant as listed in the sweep; seeds {info.get('seeds')}; "
+        f"- budget: {_describe_budget(info)}; seeds {info.get('seeds')}; "
         f"op determinism {'on' if info.get('deterministic') else 'off'}",
         f"- TensorFlow {versions.get('tensorflow', '?')}, Keras {versions.get('keras', '?')}, "
         f"Python {versions.get('python', '?')}, NumPy {versions.get('numpy', '?')}",
         f"- devices: {', '.join(devices) or '—'}",
+        f"- compute: {_describe_utilisation(results.utilisation)}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _describe_budget(info: dict[str, Any]) -> str:
+    budgets = sorted({(v.get("epochs"), v.get("batch_size"), v.get("validation_split")) for v in info.get("variants", [])}, key=str)
+    if len(budgets) == 1:
+        epochs, batch, split = budgets[0]
+        return f"{epochs} epochs, batch {batch}, validation split {split}"
+    return f"per variant ({len(budgets)} different epochs / batch / validation split settings, see the sweep file)"
+
+
+def _describe_utilisation(use: dict[str, Any]) -> str:
+    if not use.get("runs") or math.isnan(use.get("span_s", math.nan)):
+        return "—"
+    text = (
+        f"{use['flops'] / 1e12:.2f} TFLOP of estimated training work in {use['span_s']:.0f} s of sweep time "
+        f"= {use['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s"
+    )
+    if math.isnan(use.get("mfu", math.nan)):
+        return text + f"; run `harness calibrate` on this {use['kind']} machine to get the model-FLOPs utilisation"
+    return (
+        text + f"; model-FLOPs utilisation {100 * use['mfu']:.1f}% of a measured peak of "
+        f"{use['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({use['devices']} x matmul on {use['calibrated_on']})"
+    )
 
 
 def atomic_write(path: str | Path, text: str) -> Path:
@@ -130,10 +177,69 @@ def atomic_write(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = None) -> Path:
+def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = None, with_plots: bool = True) -> Path:
+    """Write reports/<sweep>.md and its plots (reports/<sweep>/*.png and .svg), linked relatively."""
     results = load_results(store, sweep)
     out = Path(out) if out else Path("reports") / f"{sweep}.md"
-    return atomic_write(out, render_leaderboard(results))
+    plots: dict[str, str] = {}
+    if with_plots:
+        from harness.plots import write_plots
+
+        plot_dir = out.parent / out.stem
+        plots = {name: os.path.relpath(path, out.parent) for name, path in write_plots(results, plot_dir).items()}
+    return atomic_write(out, render_leaderboard(results, plots=plots))
+
+
+EXPORT_COLUMNS = [
+    "sweep", "run_id", "variant", "variant_id", "seed", "status", "test_accuracy", "test_loss", "params",
+    "epochs", "batch_size", "validation_split", "train_s", "wall_s", "estimated_train_flops", "device",
+    "tensorflow", "keras", "dataset_fingerprint", "started_at", "finished_at", "flags", "error",
+]
+
+
+def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
+    """Every run of a sweep as one row (accuracy in %), the grid values as extra columns."""
+    results = load_results(store, sweep)
+    names = {run_id: variant for run_id, variant, _seed in store.plan(sweep)}
+    grid = {v["name"]: dict(v.get("grid_point") or []) for v in results.info.get("variants", [])}
+    rows = []
+    for record in results.records:
+        variant = names.get(record.run_id, record.variant)
+        acc = record.test_accuracy
+        row = {
+            "sweep": sweep,
+            "run_id": record.run_id,
+            "variant": variant,
+            "variant_id": record.variant_id,
+            "seed": record.seed,
+            "status": record.status.value,
+            "test_accuracy": 100 * acc if acc is not None else None,
+            "test_loss": record.metrics.get("test_loss"),
+            "params": record.metrics.get("params"),
+            "epochs": record.budget.get("epochs"),
+            "batch_size": record.budget.get("batch_size"),
+            "validation_split": record.budget.get("validation_split"),
+            "train_s": record.timings.get("train_s"),
+            "wall_s": record.timings.get("wall_s"),
+            "estimated_train_flops": record.metrics.get("estimated_train_flops"),
+            "device": record.device,
+            "tensorflow": record.versions.get("tensorflow"),
+            "keras": record.versions.get("keras"),
+            "dataset_fingerprint": record.dataset.get("fingerprint"),
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "flags": ";".join(flag.value for flag in record.flags),
+            "error": (record.error or "").strip().splitlines()[-1] if record.error else "",
+        }
+        row.update({f"grid.{key}": value for key, value in grid.get(variant, {}).items()})
+        rows.append(row)
+    extra = sorted({key for row in rows for key in row} - set(EXPORT_COLUMNS))
+    return pd.DataFrame(rows, columns=EXPORT_COLUMNS + extra)
+
+
+def write_export(store: ResultStore, sweep: str, *, out: str | Path | None = None) -> Path:
+    out = Path(out) if out else Path("reports") / f"{sweep}.csv"
+    return atomic_write(out, export_frame(store, sweep).to_csv(index=False))
 
 
 def status_rows(store: ResultStore) -> list[dict[str, Any]]:

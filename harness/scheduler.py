@@ -53,18 +53,27 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(1.0)
 
 
-def worker_main(conn: Connection, slot_env: dict[str, str], train_fn_path: str, parent_pid: int) -> None:
-    """Entry point of a worker process: set the pinning env, warm up, then train runs until told to stop."""
+def worker_main(
+    conn: Connection, slot_env: dict[str, str], train_fn_path: str, parent_pid: int, source: DataSource | None = None
+) -> None:
+    """Entry point of a worker process: set the pinning env, warm up (TensorFlow imported, data
+    loaded), then train runs until told to stop."""
     os.environ.update(slot_env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    from harness.data import load_dataset
+
     train_fn = _resolve(train_fn_path)
     module = importlib.import_module(train_fn_path.partition(":")[0])
     warm_up = getattr(module, "warm_up", None)
     if warm_up is not None:
         warm_up()  # import TensorFlow once, before the first run
+    if source is not None:
+        try:
+            load_dataset(source.ref, subset=source.subset, data_dir=source.data_dir).fingerprint
+        except Exception:  # noqa: BLE001 - reported with the first run that needs it
+            pass
     conn.send(("ready", os.getpid()))
-    from harness.data import load_dataset
 
     while True:
         try:
@@ -121,8 +130,21 @@ class PoolStats:
 
     worker_starts: int = 0
     warm_up_s: list[float] = dataclasses.field(default_factory=list)
-    overhead_s: list[float] = dataclasses.field(default_factory=list)  # round trip minus time inside the run
+    dispatch_s: list[float] = dataclasses.field(default_factory=list)  # worker idle -> next run sent
+    return_s: list[float] = dataclasses.field(default_factory=list)  # round trip minus time inside the run
     skipped_finished_elsewhere: int = 0
+
+    def overhead_per_run_s(self) -> float:
+        """Mean time a run spends in the scheduler rather than in its worker's train function."""
+        mean = lambda values: sum(values) / len(values) if values else 0.0  # noqa: E731
+        return mean(self.dispatch_s) + mean(self.return_s)
+
+    def describe(self) -> str:
+        warm = sum(self.warm_up_s) / len(self.warm_up_s) if self.warm_up_s else 0.0
+        return (
+            f"pool: {self.worker_starts} worker starts, warm-up mean {warm:.1f} s, "
+            f"scheduler overhead per run: mean {self.overhead_per_run_s():.3f} s"
+        )
 
 
 def _signal_name(code: int | None) -> str:
@@ -163,11 +185,16 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ workers
 
+    def start(self) -> None:
+        """Start the worker processes now (they import TensorFlow and load the data meanwhile)."""
+        if not self._workers:
+            self._workers = [self._start(slot) for slot in self.slots]
+
     def _start(self, slot: WorkerSlot) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
-            args=(child, slot.environ(), self.train_fn, os.getpid()),
+            args=(child, slot.environ(), self.train_fn, os.getpid(), self.source),
             name=f"harness-worker-{slot.name}",
             daemon=True,
         )
@@ -190,12 +217,17 @@ class WorkerPool:
         worker.conn.close()
 
     def shutdown(self) -> None:
+        """Stop idle workers politely; kill those still starting or busy (nothing of theirs is kept)."""
         for worker in self._workers:
-            if worker.process.is_alive() and worker.run is None and worker.ready:
+            if not worker.process.is_alive():
+                continue
+            if worker.run is None and worker.ready:
                 try:
                     worker.conn.send(("stop",))
                 except (BrokenPipeError, OSError):
-                    pass
+                    worker.process.kill()
+            else:
+                worker.process.kill()
         deadline = time.monotonic() + 10
         for worker in self._workers:
             worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -236,7 +268,7 @@ class WorkerPool:
             if record.status is RunStatus.FAILED and attempts[run.run_id] <= retries:
                 queue.appendleft(run)
 
-        self._workers = [self._start(slot) for slot in self.slots]
+        self.start()
         try:
             while True:
                 now = time.monotonic()
@@ -260,7 +292,7 @@ class WorkerPool:
                         worker.run, worker.sent_at = run, time.monotonic()
                         worker.conn.send(("run", run, self.source))
                         if worker.ready_at:
-                            self.stats.overhead_s.append(worker.sent_at - worker.ready_at)
+                            self.stats.dispatch_s.append(worker.sent_at - worker.ready_at)
                         if on_start:
                             on_start(run, worker.slot)
                         break
@@ -286,7 +318,7 @@ class WorkerPool:
                         elif message[0] == "result" and worker.run is not None:
                             record = RunRecord.from_json(message[1])
                             received = time.monotonic()
-                            self.stats.overhead_s.append(
+                            self.stats.return_s.append(
                                 max(0.0, received - worker.sent_at - record.timings.get("wall_s", 0.0))
                             )
                             worker.ready_at = received

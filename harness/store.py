@@ -119,6 +119,10 @@ class ResultStore(Protocol):
 
     def release(self, run_ids: Iterable[str], *, owner: str) -> None: ...
 
+    def get_meta(self, key: str) -> Any: ...
+
+    def set_meta(self, key: str, value: Any) -> None: ...
+
 
 class SQLiteStore:
     """SQLite-backed `ResultStore`. Each write is one transaction; readers never see half a run."""

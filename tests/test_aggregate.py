@@ -64,3 +64,60 @@ def test_mean_ci_edge_cases() -> None:
     assert all(math.isnan(v) for v in mean_ci([]))
     mean, std, low, high = mean_ci([1.0])
     assert mean == 1.0 and math.isnan(std)
+
+
+def test_sweep_utilisation_against_calibrated_peak() -> None:
+    from harness.aggregate import sweep_utilisation
+    from harness.records import RunStatus
+
+    from test_records import make_record
+
+    def run(i: int, start: str, end: str, device: str = "cpu x86_64 (1 threads)", status=RunStatus.DONE):
+        return make_record(
+            run_id=f"u{i}", status=status, device=device, started_at=f"2026-01-01T00:00:{start}+00:00",
+            finished_at=f"2026-01-01T00:00:{end}+00:00", metrics={"test_accuracy": 0.9, "estimated_train_flops": 1e12},
+        )
+
+    records = [run(0, "00", "10"), run(1, "05", "20"), run(2, "01", "59", status=RunStatus.FAILED)]
+    use = sweep_utilisation(records, {"cpu": {"flops_per_s": 1e12, "device": "cpu"}})
+    assert use["runs"] == 2 and use["span_s"] == pytest.approx(20.0)
+    assert use["achieved_flops_per_s"] == pytest.approx(1e11) and use["mfu"] == pytest.approx(0.10)
+    assert math.isnan(sweep_utilisation(records, {})["mfu"])  # not calibrated: no made-up number
+
+    gpus = [run(0, "00", "10", "GPU:0 H100 (CUDA_VISIBLE_DEVICES=0)"), run(1, "00", "10", "GPU:0 H100 (CUDA_VISIBLE_DEVICES=1)")]
+    use = sweep_utilisation(gpus, {"gpu": {"flops_per_s": 1e13, "device": "H100"}, "cpu": {"flops_per_s": 1.0}})
+    assert use["kind"] == "gpu" and use["devices"] == 2 and use["mfu"] == pytest.approx(2e12 / 10 / 2e13)
+
+
+def test_welch_marks_variants_tied_with_the_best(summary) -> None:
+    assert summary.loc["alpha", "tied_with_best"]
+    assert summary.loc["alpha", "p_vs_best"] == 0.0
+    from scipy import stats
+
+    expected = stats.ttest_ind([95.0, 96.0], [97.0, 97.5, 98.0], equal_var=False).pvalue
+    assert summary.loc["beta", "p_vs_best"] == pytest.approx(expected)
+    assert expected > 0.05 and summary.loc["beta", "tied_with_best"]  # two seeds cannot separate them
+    assert not summary.loc["gamma", "tied_with_best"]  # one run: untestable, never called a tie
+
+
+def test_clearly_worse_variant_is_not_tied() -> None:
+    import pandas as pd
+
+    runs = pd.DataFrame(
+        [{"variant": v, "status": "done", "test_accuracy": a, "train_s": 1.0, "params": 1, "near_chance": False}
+         for v, accs in (("best", [98.0, 98.1, 97.9, 98.05]), ("worse", [96.0, 96.1, 95.9, 96.05])) for a in accs]
+    )
+    frame = summarize(runs, [{"name": "best"}, {"name": "worse"}]).set_index("variant")
+    assert frame.loc["worse", "p_vs_best"] < 1e-4 and not frame.loc["worse", "tied_with_best"]
+
+
+def test_reference_verdicts(summary) -> None:
+    assert summary.loc["alpha", "verdicts"] == ["inside"]  # 97.0 in [96.26, 98.74]
+    assert summary.loc["gamma", "verdicts"] == ["untested"]  # one seed: no interval
+    from harness.aggregate import reference_verdict
+
+    assert reference_verdict(99.0, 97.0, 98.0) == "above" and reference_verdict(96.0, 97.0, 98.0) == "below"
+
+
+def test_train_time_spread(summary) -> None:
+    assert summary.loc["alpha", "train_s_std"] == pytest.approx(2.0)

@@ -122,7 +122,18 @@ def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
         row = next(line for line in text.splitlines() if f"| {variant} |" in line)
         assert f"| {np.mean(values):.2f} | {np.std(values, ddof=1):.2f} |" in row
         assert "| 2 | 0 |" in row
-    assert "| 90 |" in next(line for line in text.splitlines() if "| mlp_32 |" in line)  # published reference
+    mlp = next(line for line in text.splitlines() if "| mlp_32 |" in line)
+    low, high = (float(x) for x in mlp.split("| [")[1].split("]")[0].split(", "))
+    verdict = "above" if 90 > high else "below" if 90 < low else "inside"
+    assert f"| 90 ({verdict}) |" in mlp  # the published reference beside our interval
+    assert "![accuracy](tiny/accuracy.png)" in text and (out.parent / "tiny" / "accuracy.svg").stat().st_size > 0
+
+    for args in (["export", "--out", tmp_path / "a.csv"], ["report", "--format", "csv", "--out", tmp_path / "b.csv"]):
+        result = invoke(*args, "--sweep", "tiny", "--store", store)
+        assert result.exit_code == 0, result.output
+    rows = (tmp_path / "a.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("sweep,run_id,variant")
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text()
 
     result = invoke("status", "--store", store)
     assert result.exit_code == 0
@@ -130,3 +141,13 @@ def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
 
     again = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir)
     assert "4 already in the store, 0 trained" in again.output
+
+
+def test_calibrate_stores_a_measured_peak(tmp_path: Path) -> None:
+    store = tmp_path / "h.db"
+    result = invoke("calibrate", "--store", store, "--size", "256")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "GFLOP/s" in result.output and "256x256 float32 matmul" in result.output
+    with SQLiteStore(store, create=False) as s:
+        calibration = s.get_meta("calibration:cpu")
+    assert calibration["flops_per_s"] > 1e6 and calibration["size"] == 256

@@ -26,9 +26,9 @@ def store(tmp_path: Path):
 def test_leaderboard_table_rows(store) -> None:
     text = render_leaderboard(load_results(store, "fx"), generated_at="2026-01-01")
     lines = text.splitlines()
-    alpha = next(line for line in lines if line.startswith("| 1 | alpha"))
-    assert "| 97.50 | 0.50 | [96.26, 98.74] | 3 | 0 | 97 | 5,000 | 12.0 |" in alpha
-    beta = next(line for line in lines if line.startswith("| 2 | beta"))
+    alpha = next(line for line in lines if line.startswith("| **1** | alpha"))  # bold: the best
+    assert "| 97.50 | 0.50 | [96.26, 98.74] | 3 | 0 | 97 (inside) | 5,000 | 12.0 |" in alpha
+    beta = next(line for line in lines if line.startswith("| **2** | beta"))  # not separable from it
     assert "| 95.50 |" in beta and "| 2 | 1 |" in beta
     gamma = next(line for line in lines if "gamma" in line and line.startswith("| 3"))
     assert "1 (1 diverged)" in gamma and "near chance" in gamma and "9.8" in gamma
@@ -47,7 +47,22 @@ def test_failures_and_provenance_sections(store) -> None:
 def test_write_report_is_atomic_file(store, tmp_path: Path) -> None:
     out = write_report(store, "fx", out=tmp_path / "reports" / "fx.md")
     assert out.read_text().startswith("# Leaderboard: fx")
-    assert [p.name for p in out.parent.iterdir()] == ["fx.md"]  # no temp file left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fx", "fx.md"]  # no temp file left behind
+    assert not [p for p in (out.parent / "fx").iterdir() if p.name.startswith(".")]
+    assert "![accuracy](fx/accuracy.png)" in out.read_text()
+
+
+def test_csv_export_has_one_row_per_run(store, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from harness.report import write_export
+
+    frame = pd.read_csv(write_export(store, "fx", out=tmp_path / "fx.csv"))
+    assert len(frame) == 8 and set(frame["status"]) == {"done", "failed", "diverged"}
+    alpha = frame[frame["variant"] == "alpha"].sort_values("seed")
+    assert alpha["test_accuracy"].round(2).tolist() == [97.0, 97.5, 98.0]
+    assert "OOM" in frame[frame["status"] == "failed"]["error"].iloc[0]
+    assert {"run_id", "seed", "params", "train_s", "device", "tensorflow", "dataset_fingerprint"} <= set(frame.columns)
 
 
 def test_unknown_sweep(store) -> None:
