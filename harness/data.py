@@ -146,6 +146,13 @@ def _read_path(path: Path):
     return read_npz(path)
 
 
+def _read_found(path: Path, name: str):
+    try:
+        return str(path), _read_path(path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read {name}: {exc}", file=str(path), key="dataset") from None
+
+
 def _load_builtin(name: str, data_dir: Path | None):
     looked: list[str] = []
     if data_dir is not None:
@@ -153,19 +160,13 @@ def _load_builtin(name: str, data_dir: Path | None):
             path = data_dir / candidate
             looked.append(str(path))
             if path.exists():
-                try:
-                    return str(path), _read_path(path)
-                except (OSError, ValueError, FileNotFoundError) as exc:
-                    raise DataError(f"cannot read {name}: {exc}", file=str(path), key="dataset") from None
+                return _read_found(path, name)
     else:
         looked.append(f"${DATA_DIR_ENV} (not set)")
     if name == "fashion_mnist":
         looked.append(str(DEBIAN_FASHION_DIR))
         if DEBIAN_FASHION_DIR.is_dir():
-            try:
-                return str(DEBIAN_FASHION_DIR), read_idx_folder(DEBIAN_FASHION_DIR)
-            except (OSError, ValueError, FileNotFoundError) as exc:
-                raise DataError(f"cannot read {name}: {exc}", file=str(DEBIAN_FASHION_DIR), key="dataset") from None
+            return _read_found(DEBIAN_FASHION_DIR, name)
     looked.append(f"keras.datasets.{name}.load_data() (download)")
     try:
         arrays = _keras_download(name)
@@ -206,7 +207,7 @@ def _read_ref(ref: DatasetRef, data_dir: Path | None):
         raise DataError("not found", file=str(path), key="dataset")
     try:
         return str(path), _read_path(path)
-    except (OSError, ValueError, FileNotFoundError, EOFError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         kind = "idx folder" if path.is_dir() else "npz file"
         raise DataError(f"cannot read {kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=str(path), key="dataset") from None
 

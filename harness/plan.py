@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from harness.architecture import ModelSummary, summarize_model
 from harness.data import Dataset
 from harness.errors import SpecError
+from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec, Variant, content_hash
 
 # Bump when the meaning of a run changes (how data is split, how training is seeded...), so that
@@ -32,6 +34,21 @@ class PlannedRun:
             "validation_split": self.variant.validation_split,
             "deterministic": self.deterministic,
         }
+
+    def record(self, status: RunStatus, **fields: Any) -> RunRecord:
+        """A `RunRecord` of this run: identity, config, budget and data filled in from the plan."""
+        return RunRecord(
+            run_id=self.run_id,
+            sweep=self.sweep,
+            variant=self.variant.name,
+            variant_id=self.variant.variant_id,
+            seed=self.seed,
+            status=status,
+            config=self.variant.model.model_dump(mode="json"),
+            budget=self.budget,
+            dataset=self.dataset,
+            **fields,
+        )
 
     @property
     def estimated_train_flops(self) -> int:

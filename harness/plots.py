@@ -175,6 +175,9 @@ def draw_learning_curves(curves: pd.DataFrame, out_dir: Path, title: str) -> lis
     data = curves[curves["metric"] == metric]
     fig, ax = plt.subplots(figsize=(9, 5))
     sns.lineplot(data=data, x="epoch", y="value", hue="variant", errorbar=("ci", 95), marker="o", ax=ax)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.set_title(f"{title}: mean over seeds with 95% band")
     ax.legend(fontsize="x-small", loc="lower right")

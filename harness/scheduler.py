@@ -96,21 +96,7 @@ def worker_main(
 
 
 def failed_record(run: PlannedRun, error: str, *, wall_s: float = 0.0, device: str = "") -> RunRecord:
-    return RunRecord(
-        run_id=run.run_id,
-        sweep=run.sweep,
-        variant=run.variant.name,
-        variant_id=run.variant.variant_id,
-        seed=run.seed,
-        status=RunStatus.FAILED,
-        config=run.variant.model.model_dump(mode="json"),
-        budget=run.budget,
-        dataset=run.dataset,
-        timings={"wall_s": wall_s},
-        device=device,
-        error=error,
-        finished_at=utcnow(),
-    )
+    return run.record(RunStatus.FAILED, timings={"wall_s": wall_s}, device=device, error=error, finished_at=utcnow())
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ implementation (`results/harness.db`). The schema carries a version; a mismatch 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -15,7 +16,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from harness.errors import StoreError
 from harness.records import RunRecord, RunStatus
@@ -162,18 +163,16 @@ class SQLiteStore:
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (json.dumps(_utcnow()),))
 
-    def _transaction(self):
-        conn = self._conn
-
-        class _Tx:
-            def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                return False
-
-        return _Tx()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one writer at a time, all or nothing."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def close(self) -> None:
         self._conn.close()
@@ -223,26 +222,24 @@ class SQLiteStore:
         row = self._conn.execute("SELECT attempts FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return int(row[0]) if row else 0
 
-    def statuses(self, run_ids: Iterable[str]) -> dict[str, RunStatus]:
+    def _by_run_id(self, columns: str, run_ids: Iterable[str]) -> list[tuple]:
+        """Rows of `runs` for these ids, in chunks that stay under SQLite's parameter limit."""
         ids = list(run_ids)
-        found: dict[str, RunStatus] = {}
+        rows: list[tuple] = []
         for chunk in range(0, len(ids), 500):
             part = ids[chunk : chunk + 500]
-            rows = self._conn.execute(
-                f"SELECT run_id, status FROM runs WHERE run_id IN ({','.join('?' * len(part))})", part
-            )
-            found.update({run_id: RunStatus(status) for run_id, status in rows})
-        return found
+            rows += self._conn.execute(
+                f"SELECT run_id, {columns} FROM runs WHERE run_id IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+        return rows
+
+    def statuses(self, run_ids: Iterable[str]) -> dict[str, RunStatus]:
+        return {run_id: RunStatus(status) for run_id, status in self._by_run_id("status", run_ids)}
 
     def records(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """The stored records of these runs, in the order asked (missing ones left out)."""
         ids = list(run_ids)
-        by_id: dict[str, RunRecord] = {}
-        for chunk in range(0, len(ids), 500):
-            part = ids[chunk : chunk + 500]
-            rows = self._conn.execute(
-                f"SELECT run_id, record FROM runs WHERE run_id IN ({','.join('?' * len(part))})", part
-            )
-            by_id.update({run_id: RunRecord.from_json(text) for run_id, text in rows})
+        by_id = {run_id: RunRecord.from_json(text) for run_id, text in self._by_run_id("record", ids)}
         return [by_id[i] for i in ids if i in by_id]
 
     def all_records(self) -> list[RunRecord]:

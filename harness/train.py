@@ -158,17 +158,6 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
     """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash."""
     started_at = utcnow()
     start = time.perf_counter()
-    base = dict(
-        run_id=run.run_id,
-        sweep=run.sweep,
-        variant=run.variant.name,
-        variant_id=run.variant.variant_id,
-        seed=run.seed,
-        config=run.variant.model.model_dump(mode="json"),
-        budget=run.budget,
-        dataset=run.dataset,
-        started_at=started_at,
-    )
     versions: dict[str, str] = {"harness": __version__}
     device = ""
     try:
@@ -237,9 +226,9 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
         flags: tuple[RunFlag, ...] = ()
         if not diverged and test_accuracy < NEAR_CHANCE_FACTOR / dataset.num_classes:
             flags = (RunFlag.NEAR_CHANCE,)
-        return RunRecord(
-            **base,
-            status=RunStatus.DIVERGED if diverged else RunStatus.DONE,
+        return run.record(
+            RunStatus.DIVERGED if diverged else RunStatus.DONE,
+            started_at=started_at,
             metrics=metrics,
             history=history,
             timings={"setup_s": built - start, "train_s": train_s, "eval_s": finished - trained, "wall_s": finished - start},
@@ -250,9 +239,9 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             finished_at=utcnow(),
         )
     except Exception:  # noqa: BLE001 - a failed run is a record, the sweep goes on
-        return RunRecord(
-            **base,
-            status=RunStatus.FAILED,
+        return run.record(
+            RunStatus.FAILED,
+            started_at=started_at,
             timings={"wall_s": time.perf_counter() - start},
             device=device,
             versions=versions,

@@ -25,16 +25,8 @@ def _log(run, **extra) -> None:
 
 
 def _record(run, status=RunStatus.DONE, error=None) -> RunRecord:
-    return RunRecord(
-        run_id=run.run_id,
-        sweep=run.sweep,
-        variant=run.variant.name,
-        variant_id=run.variant.variant_id,
-        seed=run.seed,
-        status=status,
-        config=run.variant.model.model_dump(mode="json"),
-        budget=run.budget,
-        dataset=run.dataset,
+    return run.record(
+        status,
         metrics={"test_accuracy": 0.9} if status is RunStatus.DONE else {},
         timings={"wall_s": 0.01, "train_s": 0.01},
         device=json.dumps(

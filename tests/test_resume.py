@@ -39,6 +39,15 @@ def finished_count(store: Path) -> int:
         return 0  # schema not created yet
 
 
+def wait_for_finished(store: Path, proc: subprocess.Popen, count: int) -> None:
+    """Wait until `count` runs are stored as done while the sweep is still running."""
+    deadline = time.monotonic() + 240
+    while finished_count(store) < count:
+        assert proc.poll() is None, f"sweep ended before it could be stopped: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no run finished in time"
+        time.sleep(0.05)
+
+
 def harness(*args: str, data_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "HARNESS_DATA_DIR": str(data_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(
@@ -55,11 +64,7 @@ def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_pa
     sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
     store = tmp_path / "h.db"
     proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
-    deadline = time.monotonic() + 240
-    while finished_count(store) < 2:
-        assert proc.poll() is None, f"sweep ended before it could be killed: {proc.communicate()}"
-        assert time.monotonic() < deadline, "no run finished in time"
-        time.sleep(0.05)
+    wait_for_finished(store, proc, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -89,10 +94,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path: Path, data_dir: 
     sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
     store = tmp_path / "h.db"
     proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
-    deadline = time.monotonic() + 240
-    while finished_count(store) < 1:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_finished(store, proc, 1)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

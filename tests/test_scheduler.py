@@ -126,7 +126,7 @@ def test_stale_claim_expires_and_live_claim_is_respected(prepared, log: Path, tm
     assert time.monotonic() - start >= 1.5
 
 
-CONCURRENT = """
+SWEEP_SCRIPT = """
 import sys
 from harness.devices import plan_workers
 from harness.scheduler import DataSource, WorkerPool
@@ -136,11 +136,12 @@ from harness.sweep import prepare_sweep
 
 
 def main():
-    prepared = prepare_sweep(load_sweep(sys.argv[1]), data_dir=sys.argv[3])
+    sweep, store, data_dir, train_fn, first = sys.argv[1:]
+    prepared = prepare_sweep(load_sweep(sweep), data_dir=data_dir)
     slots = plan_workers(gpus=[], pending=len(prepared.runs), cpu_count=2)
     source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
-    with SQLiteStore(sys.argv[2]) as store:
-        WorkerPool(slots, source=source, train_fn="fake_train:ok").run(prepared.runs, store)
+    with SQLiteStore(store) as s:
+        WorkerPool(slots, source=source, train_fn=f"fake_train:{train_fn}").run(prepared.runs[int(first):], s)
 
 
 if __name__ == "__main__":
@@ -148,42 +149,25 @@ if __name__ == "__main__":
 """
 
 
+def sweep_process(tmp_path: Path, prepared, data_dir: Path, *, train_fn: str, first: int = 0, **env: str) -> subprocess.Popen:
+    """A separate Python process running a worker pool over the sweep (from run `first` on)."""
+    script = tmp_path / "one_sweep.py"
+    if not script.exists():  # written once: a second process may already be reading it
+        script.write_text(SWEEP_SCRIPT)
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]), **env}
+    args = [sys.executable, str(script), prepared.spec.source, str(tmp_path / "h.db"), str(data_dir), train_fn, str(first)]
+    return subprocess.Popen(args, env=environ)
+
+
 @pytest.mark.slow
 def test_two_sweeps_on_one_store_never_train_a_run_twice(prepared, log: Path, tmp_path: Path, data_dir: Path) -> None:
-    script = tmp_path / "one_sweep.py"
-    script.write_text(CONCURRENT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]), "HARNESS_FAKE_SLEEP": "1.0"}
-    store = tmp_path / "h.db"
-    SQLiteStore(store).close()
-    args = [sys.executable, str(script), prepared.spec.source, str(store), str(data_dir)]
-    procs = [subprocess.Popen(args, env=env) for _ in range(2)]
+    SQLiteStore(tmp_path / "h.db").close()
+    procs = [sweep_process(tmp_path, prepared, data_dir, train_fn="ok", HARNESS_FAKE_SLEEP="1.0") for _ in range(2)]
     assert [p.wait(timeout=180) for p in procs] == [0, 0]
     made = Counter(c["run_id"] for c in calls(log))
     assert sorted(made) == sorted(r.run_id for r in prepared.runs)
     assert set(made.values()) == {1}, made
     assert len({c["pid"] for c in calls(log)}) >= 3  # both sweeps did part of the work
-
-
-ORPHAN = """
-import sys
-from harness.devices import plan_workers
-from harness.scheduler import DataSource, WorkerPool
-from harness.spec import load_sweep
-from harness.store import SQLiteStore
-from harness.sweep import prepare_sweep
-
-
-def main():
-    prepared = prepare_sweep(load_sweep(sys.argv[1]), data_dir=sys.argv[3])
-    slots = plan_workers(gpus=[], pending=len(prepared.runs), cpu_count=2)
-    source = DataSource(ref=prepared.spec.dataset, subset=prepared.spec.subset, data_dir=prepared.data_dir)
-    with SQLiteStore(sys.argv[2]) as store:
-        WorkerPool(slots, source=source, train_fn="fake_train:crashy").run(prepared.runs[3:], store)
-
-
-if __name__ == "__main__":
-    main()
-"""
 
 
 def _alive(pid: int) -> bool:
@@ -197,10 +181,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_of_the_parent_leaves_no_orphan_workers(prepared, log: Path, tmp_path: Path, data_dir: Path) -> None:
-    script = tmp_path / "orphan.py"
-    script.write_text(ORPHAN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
-    parent = subprocess.Popen([sys.executable, str(script), prepared.spec.source, str(tmp_path / "h.db"), str(data_dir)], env=env)
+    parent = sweep_process(tmp_path, prepared, data_dir, train_fn="crashy", first=3)
     deadline = time.monotonic() + 60
     while not any(c["seed"] == 3 for c in calls(log)):  # a worker is now hanging in a run
         assert time.monotonic() < deadline and parent.poll() is None

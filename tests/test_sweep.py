@@ -25,16 +25,8 @@ class FakeTrainer:
     def __call__(self, run: PlannedRun, dataset) -> RunRecord:
         self.calls.append((run.variant.name, run.seed))
         failed = (run.variant.name, run.seed) in self.fail
-        return RunRecord(
-            run_id=run.run_id,
-            sweep=run.sweep,
-            variant=run.variant.name,
-            variant_id=run.variant.variant_id,
-            seed=run.seed,
-            status=RunStatus.FAILED if failed else RunStatus.DONE,
-            config=run.variant.model.model_dump(mode="json"),
-            budget=run.budget,
-            dataset=run.dataset,
+        return run.record(
+            RunStatus.FAILED if failed else RunStatus.DONE,
             metrics={} if failed else {"test_accuracy": 0.9 + run.seed / 100},
             timings={"wall_s": 0.1, "train_s": 0.1},
             error="Traceback...\nValueError: bad luck" if failed else None,
