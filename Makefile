@@ -23,9 +23,11 @@ $(BIN)/harness: pyproject.toml
 
 venv: $(BIN)/harness
 
+# The report is written even when some runs failed (exit 1: they are listed in it); bad input (2) stops.
 run: venv
-	$(BIN)/harness sweep $(SWEEP)
-	$(BIN)/harness report --sweep $$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(SWEEP)'))['name'])")
+	@$(BIN)/harness sweep $(SWEEP); rc=$$?; [ $$rc -le 1 ] || exit $$rc; \
+	$(BIN)/harness report --sweep "$$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('$(SWEEP)'))['name'])")" \
+	&& exit $$rc
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -114,20 +114,23 @@ def sweep(
         click.echo(_describe_slots(worker_slots(len(pending)), in_process))
         return
 
-    pool = None
-    if not in_process:
-        from harness.data import configured_data_dir
-        from harness.scheduler import DataSource, WorkerPool
+    from harness.data import configured_data_dir
+    from harness.scheduler import DataSource, WorkerPool
 
-        # Start the workers first: they import TensorFlow and load the data while this process
-        # plans the sweep. Sized for every run; idle ones are stopped when the sweep ends.
-        folder = configured_data_dir(data_dir)
-        source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=str(folder) if folder else None)
+    folder = configured_data_dir(data_dir)
+    source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=str(folder) if folder else None)
+    pool = None
+    if not in_process and not _sweep_in_store(store_path, spec.name):
+        # A new sweep: every run is pending, so start the workers now; they import TensorFlow and
+        # load the data while this process plans the sweep.
         pool = WorkerPool(worker_slots(len(spec.variants) * len(spec.seeds)), source=source, timeout_s=timeout_s)
         pool.start()
     try:
         prepared = prepare_sweep(spec, data_dir=data_dir)
         with SQLiteStore(store_path) as store:
+            pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
+            if pool is None and pending and not in_process:
+                pool = WorkerPool(worker_slots(len(pending)), source=source, timeout_s=timeout_s)
             if pool is not None:
                 click.echo(_describe_slots(pool.slots, in_process), err=True)
             outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed, retries=retries, pool=pool)
@@ -143,6 +146,15 @@ def sweep(
     stored = {r.run_id: r for r in outcome.records}  # the last attempt of each run
     if any(r.status.value == "failed" for r in stored.values()):
         sys.exit(EXIT_RUNS_FAILED)
+
+
+def _sweep_in_store(store_path: Path, name: str) -> bool:
+    if not store_path.exists():
+        return False
+    from harness.store import SQLiteStore
+
+    with SQLiteStore(store_path, create=False) as store:
+        return store.sweep_info(name) is not None
 
 
 def _describe_slots(slots, in_process: bool) -> str:

@@ -29,6 +29,7 @@ from harness.store import Claim, ResultStore, make_owner
 DEFAULT_TRAIN_FN = "harness.train:train_run"
 LEASE_S = 120.0  # a claim lives this long without renewal; renewed every LEASE_S / 4
 POLL_S = 0.25
+SHUTDOWN_GRACE_S = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,9 @@ class WorkerPool:
                     worker.process.kill()
             else:
                 worker.process.kill()
-        deadline = time.monotonic() + 10
+        # Idle workers hold nothing worth keeping (every result is already stored), so a worker
+        # whose interpreter takes its time to tear TensorFlow down is killed after a short grace.
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for worker in self._workers:
             worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
