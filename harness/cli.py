@@ -266,7 +266,7 @@ def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: f
 @store_option
 @_user_errors
 def status(store_path: Path) -> None:
-    """Per sweep: runs done / diverged / failed / pending."""
+    """Per sweep: runs done / diverged / failed / running / pending."""
     from harness.report import status_rows
     from harness.store import SQLiteStore
 
@@ -275,11 +275,11 @@ def status(store_path: Path) -> None:
     if not rows:
         click.echo("no sweeps in the store yet")
         return
-    click.echo(f"{'sweep':<28} {'planned':>8} {'done':>6} {'diverged':>9} {'failed':>7} {'pending':>8}")
+    click.echo(f"{'sweep':<28} {'planned':>8} {'done':>6} {'diverged':>9} {'failed':>7} {'running':>8} {'pending':>8}")
     for row in rows:
         click.echo(
             f"{row['sweep']:<28} {row['planned']:>8} {row['done']:>6} {row['diverged']:>9} "
-            f"{row['failed']:>7} {row['pending']:>8}"
+            f"{row['failed']:>7} {row['running']:>8} {row['pending']:>8}"
         )
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from harness import __version__
 from harness.aggregate import runs_frame, summarize, sweep_utilisation
 from harness.errors import UserError
-from harness.records import RunRecord
+from harness.records import RunRecord, RunStatus
 from harness.store import ResultStore
 
 
@@ -243,7 +243,11 @@ def write_export(store: ResultStore, sweep: str, *, out: str | Path | None = Non
 
 
 def status_rows(store: ResultStore) -> list[dict[str, Any]]:
-    """Per sweep: planned, done, diverged, failed, pending."""
+    """Per sweep: planned, done, diverged, failed, running (claimed by a live sweep now), pending."""
+    import time
+
+    now = time.time()
+    live = {run_id for run_id, (_owner, expires) in store.claims().items() if expires > now}
     rows = []
     for sweep in store.sweeps():
         plan = store.plan(sweep)
@@ -252,6 +256,8 @@ def status_rows(store: ResultStore) -> list[dict[str, Any]]:
         for status in statuses.values():
             if status.value in counts:
                 counts[status.value] += 1
+        running = sum(1 for run_id, _v, _s in plan if run_id in live and not (statuses.get(run_id) or RunStatus.PENDING).is_finished())
         finished = counts["done"] + counts["diverged"] + counts["failed"]
-        rows.append({"sweep": sweep, "planned": len(plan), **counts, "pending": len(plan) - finished})
+        rows.append({"sweep": sweep, "planned": len(plan), **counts, "running": running,
+                     "pending": len(plan) - finished - running})
     return rows

@@ -137,7 +137,7 @@ def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
 
     result = invoke("status", "--store", store)
     assert result.exit_code == 0
-    assert result.output.splitlines()[1].split() == ["tiny", "4", "4", "0", "0", "0"]
+    assert result.output.splitlines()[1].split() == ["tiny", "4", "4", "0", "0", "0", "0"]
 
     again = invoke("sweep", sweep, "--store", store, "--data-dir", data_dir)
     assert "4 already in the store, 0 trained" in again.output
@@ -151,3 +151,25 @@ def test_calibrate_stores_a_measured_peak(tmp_path: Path) -> None:
     with SQLiteStore(store, create=False) as s:
         calibration = s.get_meta("calibration:cpu")
     assert calibration["flops_per_s"] > 1e6 and calibration["size"] == 256
+
+
+def test_worker_options_shape_the_plan(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=3))
+    result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--dry-run",
+                    "--workers", "3", "--threads", "2", "--gpus", "none")
+    assert result.exit_code == 0, result.stderr
+    assert "workers: 3: cpu.0 (cpu, 2 threads), cpu.1 (cpu, 2 threads), cpu.2 (cpu, 2 threads)" in result.output
+    missing_gpu = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--gpus", "7")
+    assert missing_gpu.exit_code == 2 and "GPU 7 not found" in missing_gpu.stderr
+    assert not (tmp_path / "h.db").exists()
+
+
+@pytest.mark.slow
+def test_in_process_sweep_with_retries_and_rerun_failed(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=600, test=100))
+    store = tmp_path / "h.db"
+    result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--in-process", "--retries", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "2 trained (0 failed or diverged)" in result.output and "workers:" not in result.stderr
+    again = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--rerun-failed")
+    assert "2 already in the store, 0 trained" in again.output

@@ -105,3 +105,10 @@ def test_prepare_targets() -> None:
     y = np.array([2, 0])
     assert prepare_targets(y, loss="sparse_categorical_crossentropy", num_classes=3).tolist() == [2, 0]
     assert prepare_targets(y, loss="categorical_crossentropy", num_classes=3).tolist() == [[0, 0, 1], [1, 0, 0]]
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_debian_fashion_mnist(tmp_path: Path) -> None:
+    ds = load_dataset(DatasetRef(kind="builtin", name="fashion_mnist"), data_dir=tmp_path)
+    assert ds.source == "/usr/share/datasets/fashion-mnist"
+    assert ds.x_train.shape == (60000, 28, 28) and ds.x_test.shape == (10000, 28, 28) and ds.num_classes == 10

@@ -71,4 +71,6 @@ def test_unknown_sweep(store) -> None:
 
 
 def test_status_rows(store) -> None:
-    assert status_rows(store) == [{"sweep": "fx", "planned": 9, "done": 6, "diverged": 1, "failed": 1, "pending": 1}]
+    assert status_rows(store) == [{"sweep": "fx", "planned": 9, "done": 6, "diverged": 1, "failed": 1, "running": 0, "pending": 1}]
+    store.claim("never-0", owner="other-host:1:x", lease_s=60)
+    assert status_rows(store)[0]["running"] == 1 and status_rows(store)[0]["pending"] == 0
