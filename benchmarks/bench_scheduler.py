@@ -40,22 +40,26 @@ COMMON = textwrap.dedent(
     y_train = np.eye(10, dtype="float32")[data["y_train"]]
     y_test = np.eye(10, dtype="float32")[data["y_test"]]
     EPOCHS, BATCH = {epochs}, 128
+    import keras
+
+    def build_mlp(dropout, optimizer):
+        layers = [keras.Input((784,)), keras.layers.Dense(256, activation="relu")]
+        layers += [keras.layers.Dropout(dropout)] if dropout else []
+        layers += [keras.layers.Dense(256, activation="relu")]
+        layers += [keras.layers.Dropout(dropout)] if dropout else []
+        layers += [keras.layers.Dense(10, activation="softmax")]
+        model = keras.Sequential(layers)
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+        return model
     """
 )
 
 LOOP = COMMON + textwrap.dedent(
     """
-    import keras
     for dropout, optimizer in {variants}:
         for seed in {seeds}:
             keras.utils.set_random_seed(seed)
-            layers = [keras.Input((784,)), keras.layers.Dense(256, activation="relu")]
-            layers += [keras.layers.Dropout(dropout)] if dropout else []
-            layers += [keras.layers.Dense(256, activation="relu")]
-            layers += [keras.layers.Dropout(dropout)] if dropout else []
-            layers += [keras.layers.Dense(10, activation="softmax")]
-            model = keras.Sequential(layers)
-            model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+            model = build_mlp(dropout, optimizer)
             model.fit(x_train, y_train, epochs=EPOCHS, batch_size=BATCH, validation_split=0.1, verbose=0)
             print("acc", model.evaluate(x_test, y_test, verbose=0)[1], flush=True)
     """
@@ -63,17 +67,9 @@ LOOP = COMMON + textwrap.dedent(
 
 TUNER = COMMON + textwrap.dedent(
     """
-    import keras, keras_tuner as kt
+    import keras_tuner as kt
     def build(hp):
-        dropout = hp.Choice("dropout", [0.0, 0.2])
-        layers = [keras.Input((784,)), keras.layers.Dense(256, activation="relu")]
-        layers += [keras.layers.Dropout(dropout)] if dropout else []
-        layers += [keras.layers.Dense(256, activation="relu")]
-        layers += [keras.layers.Dropout(dropout)] if dropout else []
-        layers += [keras.layers.Dense(10, activation="softmax")]
-        model = keras.Sequential(layers)
-        model.compile(optimizer=hp.Choice("optimizer", ["adam", "rmsprop"]), loss="categorical_crossentropy", metrics=["accuracy"])
-        return model
+        return build_mlp(hp.Choice("dropout", [0.0, 0.2]), hp.Choice("optimizer", ["adam", "rmsprop"]))
     tuner = kt.GridSearch(build, objective="val_accuracy", executions_per_trial={executions},
                           directory={directory!r}, project_name="bench", overwrite=True, seed=0)
     tuner.search(x_train, y_train, epochs=EPOCHS, batch_size=BATCH, validation_split=0.1, verbose=0)
