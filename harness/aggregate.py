@@ -27,15 +27,16 @@ RUN_COLUMNS = [
 ]
 
 
-def runs_frame(records: Iterable[RunRecord], *, names: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per run; accuracy in percent. `names` maps run id -> variant name from the plan."""
+def runs_frame(records: Sequence[RunRecord], *, variants: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run; accuracy in percent. `variants[i]` names the plan's variant of `records[i]`
+    (a run shared by two variants of a sweep appears under both); default: the record's own."""
     rows = []
-    for record in records:
+    for i, record in enumerate(records):
         acc = record.test_accuracy
         rows.append(
             {
                 "run_id": record.run_id,
-                "variant": (names or {}).get(record.run_id, record.variant),
+                "variant": variants[i] if variants is not None else record.variant,
                 "variant_id": record.variant_id,
                 "seed": record.seed,
                 "status": record.status.value,
@@ -158,7 +159,8 @@ def _parse_time(text: str | None) -> float | None:
 def sweep_utilisation(records: Sequence[RunRecord], calibrations: dict[str, dict] | None = None) -> dict[str, Any]:
     """Model-FLOPs utilisation of a sweep: estimated training FLOPs of its finished runs over the
     sweep's wall-clock span, against the calibrated matmul peak of the devices it used."""
-    finished = [r for r in records if r.status.is_finished() and r.metrics.get("estimated_train_flops")]
+    unique = {r.run_id: r for r in records}.values()  # a run shared by two variants counts once
+    finished = [r for r in unique if r.status.is_finished() and r.metrics.get("estimated_train_flops")]
     starts = [t for t in (_parse_time(r.started_at) for r in finished) if t is not None]
     ends = [t for t in (_parse_time(r.finished_at) for r in finished) if t is not None]
     flops = float(sum(r.metrics["estimated_train_flops"] for r in finished))

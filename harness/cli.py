@@ -108,6 +108,7 @@ def sweep(
 
     if dry_run:
         prepared = prepare_sweep(spec, data_dir=data_dir)
+        _note_shared(prepared)
         store = SQLiteStore(store_path, create=False) if store_path.exists() else None
         pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs
         click.echo(format_plan(prepared, store))
@@ -127,6 +128,7 @@ def sweep(
         pool.start()
     try:
         prepared = prepare_sweep(spec, data_dir=data_dir)
+        _note_shared(prepared)
         with SQLiteStore(store_path) as store:
             pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
             if pool is None and pending and not in_process:
@@ -146,6 +148,17 @@ def sweep(
     stored = {r.run_id: r for r in outcome.records}  # the last attempt of each run
     if any(r.status.value == "failed" for r in stored.values()):
         sys.exit(EXIT_RUNS_FAILED)
+
+
+def _note_shared(prepared) -> None:
+    from harness.sweep import shared_runs
+
+    for first, second in shared_runs(prepared.runs):
+        click.echo(
+            f"note: variants '{first}' and '{second}' are the same runs with these options; "
+            "each is trained once and reported under both names",
+            err=True,
+        )
 
 
 def _sweep_in_store(store_path: Path, name: str) -> bool:

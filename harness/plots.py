@@ -43,13 +43,13 @@ def accuracy_window(values: Sequence[float], *, pad: float = 0.15, min_span: flo
     return max(0.0, low - pad * span), min(100.0, high + pad * span)
 
 
-def learning_curve_data(records: Sequence[RunRecord], names: dict[str, str] | None = None) -> pd.DataFrame:
+def learning_curve_data(records: Sequence[RunRecord], variants: Sequence[str] | None = None) -> pd.DataFrame:
     """Long table (variant, seed, epoch, metric, value) of every finished run's per-epoch history."""
     rows = []
-    for record in records:
+    for i, record in enumerate(records):
         if record.status is not RunStatus.DONE:
             continue
-        variant = (names or {}).get(record.run_id, record.variant)
+        variant = variants[i] if variants is not None else record.variant
         for metric in ("accuracy", "val_accuracy", "loss", "val_loss"):
             for epoch, value in enumerate(record.history.get(metric, []), start=1):
                 scaled = 100.0 * value if "accuracy" in metric else value
@@ -219,8 +219,7 @@ def write_plots(results, out_dir: Path) -> dict[str, Path]:
     if ranked.empty:
         return written
     written["accuracy"] = draw_accuracy(ranked, seeds, refs, out_dir, f"{title}: test accuracy by variant")[0]
-    names = {run_id: variant for run_id, variant in zip(results.runs["run_id"], results.runs["variant"])}
-    curves = learning_curve_data(results.records, names)
+    curves = learning_curve_data(results.records, results.variants)
     if len(curves):
         written["learning_curves"] = draw_learning_curves(curves, out_dir, title)[0]
     written["accuracy_vs_params"] = draw_tradeoff(

@@ -32,12 +32,10 @@ DEFAULT_ALPHA = 0.01
 
 def baseline_from_store(store: ResultStore, sweep: str) -> dict[str, Any]:
     results = load_results(store, sweep)
-    names = {run_id: variant for run_id, variant, _seed in store.plan(sweep)}
     variants: dict[str, dict[str, Any]] = {}
-    for record in results.records:
+    for name, record in zip(results.variants, results.records):
         if record.status is not RunStatus.DONE or record.test_accuracy is None:
             continue
-        name = names.get(record.run_id, record.variant)
         entry = variants.setdefault(name, {"variant_id": record.variant_id, "seeds": [], "accuracy": []})
         entry["seeds"].append(record.seed)
         entry["accuracy"].append(round(100 * record.test_accuracy, 4))
@@ -147,12 +145,10 @@ def compare(
 
 def current_accuracies(store: ResultStore, sweep: str) -> tuple[dict[str, list[float]], dict[str, str]]:
     results = load_results(store, sweep)
-    names = {run_id: variant for run_id, variant, _seed in store.plan(sweep)}
     accuracies: dict[str, list[float]] = {}
     ids: dict[str, str] = {}
-    for record in results.records:
+    for name, record in zip(results.variants, results.records):
         if record.status is RunStatus.DONE and record.test_accuracy is not None:
-            name = names.get(record.run_id, record.variant)
             accuracies.setdefault(name, []).append(100 * record.test_accuracy)
             ids[name] = record.variant_id
     return accuracies, ids

@@ -23,7 +23,8 @@ from harness.store import ResultStore
 class SweepResults:
     name: str
     info: dict[str, Any]
-    records: tuple[RunRecord, ...]
+    records: tuple[RunRecord, ...]  # one per plan entry that has a stored record
+    variants: tuple[str, ...]  # the plan's variant name of each of `records`
     planned: int
     runs: pd.DataFrame
     summary: pd.DataFrame
@@ -36,13 +37,16 @@ def load_results(store: ResultStore, sweep: str) -> SweepResults:
         known = ", ".join(store.sweeps()) or "none yet"
         raise UserError(f"no sweep named '{sweep}' in the store (known: {known})", key="--sweep")
     plan = store.plan(sweep)
-    names = {run_id: variant for run_id, variant, _seed in plan}
-    records = tuple(store.records(run_id for run_id, _v, _s in plan))
-    runs = runs_frame(records, names=names)
+    by_id = {r.run_id: r for r in store.records(dict.fromkeys(run_id for run_id, _v, _s in plan))}
+    entries = [(variant, by_id[run_id]) for run_id, variant, _seed in plan if run_id in by_id]
+    records = tuple(record for _variant, record in entries)
+    variants = tuple(variant for variant, _record in entries)
+    runs = runs_frame(records, variants=variants)
     return SweepResults(
         name=sweep,
         info=info,
         records=records,
+        variants=variants,
         planned=len(plan),
         runs=runs,
         summary=summarize(runs, info["variants"]),
@@ -200,11 +204,9 @@ EXPORT_COLUMNS = [
 def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
     """Every run of a sweep as one row (accuracy in %), the grid values as extra columns."""
     results = load_results(store, sweep)
-    names = {run_id: variant for run_id, variant, _seed in store.plan(sweep)}
     grid = {v["name"]: dict(v.get("grid_point") or []) for v in results.info.get("variants", [])}
     rows = []
-    for record in results.records:
-        variant = names.get(record.run_id, record.variant)
+    for variant, record in zip(results.variants, results.records):
         acc = record.test_accuracy
         row = {
             "sweep": sweep,

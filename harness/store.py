@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS plans (
     run_id TEXT NOT NULL,
     variant TEXT NOT NULL,
     seed INTEGER NOT NULL,
-    PRIMARY KEY (sweep, run_id)
+    PRIMARY KEY (sweep, position)
 );
 CREATE TABLE IF NOT EXISTS claims (
     run_id TEXT PRIMARY KEY,

@@ -85,11 +85,28 @@ def sweep_info(prepared: PreparedSweep) -> dict:
     }
 
 
-def pending_runs(runs: Sequence[PlannedRun], store: ResultStore, *, rerun_failed: bool = False) -> list[PlannedRun]:
-    """Resume is 'skip what is done': finished runs are kept; failed ones only with `rerun_failed`."""
-    statuses = store.statuses(run.run_id for run in runs)
-    todo = []
+def shared_runs(runs: Sequence[PlannedRun]) -> list[tuple[str, str]]:
+    """Pairs of variant names whose runs are the same content (e.g. after `--epochs` made two
+    variants that differed only in epochs equal): trained once, reported under both names."""
+    first: dict[str, str] = {}
+    pairs: dict[tuple[str, str], None] = {}
     for run in runs:
+        other = first.setdefault(run.run_id, run.variant.name)
+        if other != run.variant.name:
+            pairs[(other, run.variant.name)] = None
+    return list(pairs)
+
+
+def pending_runs(runs: Sequence[PlannedRun], store: ResultStore, *, rerun_failed: bool = False) -> list[PlannedRun]:
+    """Resume is 'skip what is done': finished runs are kept; failed ones only with `rerun_failed`.
+    Each distinct run appears once, however many variants share it."""
+    statuses = store.statuses(run.run_id for run in runs)
+    todo: list[PlannedRun] = []
+    seen: set[str] = set()
+    for run in runs:
+        if run.run_id in seen:
+            continue
+        seen.add(run.run_id)
         status = statuses.get(run.run_id)
         if status is None or status in (RunStatus.PENDING, RunStatus.RUNNING):
             todo.append(run)
@@ -113,19 +130,19 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
     by_variant: dict[str, list[PlannedRun]] = {}
     for run in prepared.runs:
         by_variant.setdefault(run.variant.name, []).append(run)
-    total_done = total_failed = 0
     for name, runs in by_variant.items():
         first = runs[0]
         done = sum(1 for r in runs if statuses.get(r.run_id, RunStatus.PENDING).is_finished())
         failed = sum(1 for r in runs if statuses.get(r.run_id) is RunStatus.FAILED)
-        total_done += done
-        total_failed += failed
         lines.append(
             f"{name[:48]:<48} {first.variant.variant_id:<12} {first.summary.params:>10,} "
             f"{first.variant.epochs:>6} {first.variant.batch_size:>5} {first.estimated_train_flops / 1e9:>10.1f} "
             f"{done:>5} {failed:>6}"
         )
-    lines += ["", f"{total_done} done, {total_failed} failed, {len(prepared.runs) - total_done - total_failed} to train"]
+    distinct = {run.run_id for run in prepared.runs}
+    done = sum(1 for i in distinct if statuses.get(i, RunStatus.PENDING).is_finished())
+    failed = sum(1 for i in distinct if statuses.get(i) is RunStatus.FAILED)
+    lines += ["", f"{done} done, {failed} failed, {len(distinct) - done - failed} to train"]
     return "\n".join(lines)
 
 
@@ -276,4 +293,5 @@ def run_sweep(
         if train_fn is None:
             from harness.train import train_run as train_fn  # TensorFlow only now
         records = run_inline(todo, store=store, dataset=prepared.dataset, train_fn=train_fn, retries=retries, progress=progress)
-    return SweepOutcome(planned=len(prepared.runs), skipped=len(prepared.runs) - len(todo), records=tuple(records))
+    distinct = len({run.run_id for run in prepared.runs})
+    return SweepOutcome(planned=distinct, skipped=distinct - len(todo), records=tuple(records))

@@ -55,7 +55,8 @@ def test_rank_by_mean_with_unrun_last(summary) -> None:
 
 
 def test_runs_frame_uses_plan_names_and_percent() -> None:
-    frame = runs_frame(fixture_records(), names={"alpha-0": "renamed"})
+    records = fixture_records()
+    frame = runs_frame(records, variants=["renamed"] + [r.variant for r in records[1:]])
     assert frame.loc[0, "variant"] == "renamed" and frame.loc[0, "test_accuracy"] == pytest.approx(97.0)
     assert frame.loc[5, "status"] == "failed" and "OOM" in frame.loc[5, "error"]
 

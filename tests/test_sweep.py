@@ -106,3 +106,22 @@ def test_progress_reports_counts_and_eta(prepared) -> None:
     assert "acc 90.00%" in lines[1] and "done 1 failed 0 running 0 pending 1" in lines[1]
     assert "ETA 0:00:00" in lines[1] or "ETA 0:00:01" in lines[1]  # half the FLOPs done almost at once
     assert "FAILED: ValueError: bad luck" in lines[3] and "done 1 failed 1 running 0 pending 0" in lines[3]
+
+
+def test_variants_made_equal_by_overrides_share_their_runs(tmp_path: Path, data_dir: Path) -> None:
+    from harness.report import load_results
+    from harness.sweep import shared_runs
+
+    text = tiny_sweep_text(seeds=2).replace("  - name: cnn_8\n", "  - name: mlp_32_long\n    budget: {epochs: 3}\n    model:\n      dense: {units: [32]}\n  - name: cnn_8\n")
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", text)).with_overrides(epochs=1)
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    assert shared_runs(prepared.runs) == [("mlp_32", "mlp_32_long")]
+    with SQLiteStore(tmp_path / "h.db") as store:
+        trainer = FakeTrainer()
+        outcome = run_sweep(prepared, store=store, train_fn=trainer, progress=quiet())
+        assert outcome.planned == 4 and outcome.trained == 4 and len(trainer.calls) == 4  # not 6
+        results = load_results(store, "tiny")
+    summary = results.summary.set_index("variant")
+    assert summary.loc["mlp_32", "n"] == 2 and summary.loc["mlp_32_long", "n"] == 2
+    assert summary.loc["mlp_32", "mean"] == summary.loc["mlp_32_long", "mean"]
+    assert format_plan(prepared, None).endswith("0 done, 0 failed, 4 to train")
