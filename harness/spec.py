@@ -170,7 +170,7 @@ class SweepFile(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str | None = None
-    dataset: str | DatasetFiles
+    dataset: Any  # a builtin name, a path, or a DatasetFiles mapping: checked by _resolve_dataset
     subset: Subset | None = None
     budget: Budget
     defaults: dict[str, Any] = Field(default_factory=dict)
@@ -375,7 +375,7 @@ def _validate(model: type[BaseModel], data: Any, *, file: str, prefix: str = "")
         # Report the first problem that is not a union side-branch, in one line.
         errors = exc.errors()
         err = errors[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "DatasetFiles"))))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union branch tags
         key = _loc_to_key(loc, prefix)
         raise SpecError(_describe_error(err, _known_keys(model, loc)), file=file, key=key or None) from None
 
@@ -391,8 +391,16 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def _resolve_dataset(value: str | DatasetFiles, *, file: Path) -> DatasetRef:
+def _resolve_dataset(value: Any, *, file: Path) -> DatasetRef:
     base = file.parent
+    if isinstance(value, dict):
+        value = _validate(DatasetFiles, value, file=str(file), prefix="dataset")
+    elif not isinstance(value, str):
+        raise SpecError(
+            "expected a dataset name (mnist, fashion_mnist), a path, or a mapping with path or train/test",
+            file=str(file),
+            key="dataset",
+        )
 
     def where(p: str) -> str:
         path = Path(p).expanduser()
@@ -506,8 +514,20 @@ def load_sweep(path: str | Path) -> SweepSpec:
                 _set_path(config, key, value)
             label = ",".join(f"{key.split('.', 1)[-1]}={_format_grid_value(v)}" for key, v in point)
             name = f"{entry.name}[{label}]" if point else entry.name
-            model = _validate(ModelConfig, config["model"], file=file, prefix=f"{prefix}{'@' + label if point else ''}")
-            train = _validate(TrainBudget, config["budget"], file=file, prefix=f"variants[{i}].budget")
+            try:
+                model = ModelConfig.model_validate(config["model"])
+                train = TrainBudget.model_validate(config["budget"])
+            except ValidationError as exc:
+                # The variant validated without the grid, so a grid value is at fault: name its axis.
+                err = exc.errors()[0]
+                section = "model" if exc.title == ModelConfig.__name__ else "budget"
+                where = ".".join([section, *(str(p) for p in err["loc"])])
+                axis = next((k for k, _v in point if where.startswith(k) or k.startswith(where)), None)
+                raise SpecError(
+                    f"{_describe_error(err, [])} in variant '{entry.name}' at grid point {label}",
+                    file=file,
+                    key=f"grid.{axis}" if axis else "grid",
+                ) from None
             variants.append(
                 Variant(
                     name=name,

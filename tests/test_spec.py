@@ -210,3 +210,17 @@ def test_dense_dropout_list_must_match_layers(tmp_path: Path) -> None:
 def test_bad_subset_option(text: str) -> None:
     with pytest.raises(SpecError, match="--subset"):
         parse_subset(text)
+
+
+def test_dataset_mapping_errors_are_named(tmp_path: Path) -> None:
+    assert "key 'dataset.pth': unknown key (did you mean 'path'?)" in error_of(tmp_path, BASE.replace("dataset: mnist", "dataset: {pth: x.npz}"))
+    assert "key 'dataset'" in error_of(tmp_path, BASE.replace("dataset: mnist", "dataset: [1, 2]"))
+    assert "'train' and 'test'" in error_of(tmp_path, BASE.replace("dataset: mnist", "dataset: {train: a.csv}"))
+
+
+def test_dataset_paths_resolve_against_the_sweep_file(tmp_path: Path) -> None:
+    spec = load_text(tmp_path, BASE.replace("dataset: mnist", "dataset: {train: d/mnist_train.csv, test: d/mnist_test.csv}"))
+    assert spec.dataset.kind == "csv" and spec.dataset.train == str(tmp_path / "d" / "mnist_train.csv")
+    assert spec.dataset.name == "mnist"
+    assert load_text(tmp_path, BASE.replace("dataset: mnist", "dataset: data/m.npz")).dataset.kind == "npz"
+    assert load_text(tmp_path, BASE.replace("dataset: mnist", "dataset: {path: idx/}")).dataset.kind == "idx"
