@@ -9,7 +9,6 @@ did the same MLP work 1.6x faster than one 2-thread process.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 from typing import Callable, Sequence
 

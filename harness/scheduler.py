@@ -71,7 +71,7 @@ def worker_main(
         warm_up()  # import TensorFlow once, before the first run
     if source is not None:
         try:
-            load_dataset(source.ref, subset=source.subset, data_dir=source.data_dir).fingerprint
+            _ = load_dataset(source.ref, subset=source.subset, data_dir=source.data_dir).fingerprint  # load and hash now
         except Exception:  # noqa: BLE001 - reported with the first run that needs it
             pass
     conn.send(("ready", os.getpid()))

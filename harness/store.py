@@ -7,7 +7,6 @@ implementation (`results/harness.db`). The schema carries a version; a mismatch 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import enum
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from harness.errors import StoreError
-from harness.records import RunRecord, RunStatus
+from harness.records import RunRecord, RunStatus, utcnow
 
 SCHEMA_VERSION = 1
 DEFAULT_STORE = Path("results") / "harness.db"
@@ -62,10 +61,6 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 CREATE INDEX IF NOT EXISTS runs_by_variant ON runs (variant_id);
 """
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def make_owner() -> str:
@@ -163,7 +158,7 @@ class SQLiteStore:
                 if statement.strip():
                     self._conn.execute(statement)
             self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (json.dumps(_utcnow()),))
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (json.dumps(utcnow()),))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -310,7 +305,7 @@ class SQLiteStore:
         with self._transaction():
             self._conn.execute(
                 "INSERT OR REPLACE INTO sweeps (name, source, planned_at, info) VALUES (?, ?, ?, ?)",
-                (sweep, source, _utcnow(), json.dumps(info, sort_keys=True)),
+                (sweep, source, utcnow(), json.dumps(info, sort_keys=True)),
             )
             self._conn.execute("DELETE FROM plans WHERE sweep = ?", (sweep,))
             self._conn.executemany(

@@ -173,3 +173,22 @@ def test_in_process_sweep_with_retries_and_rerun_failed(tmp_path: Path, data_dir
     assert "2 trained (0 failed or diverged)" in result.output and "workers:" not in result.stderr
     again = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--rerun-failed")
     assert "2 already in the store, 0 trained" in again.output
+
+
+def test_validation_planning_and_reports_never_import_tensorflow(tmp_path: Path, data_dir: Path) -> None:
+    """The parent process, `--dry-run`, `report` and `regress` stay fast: no TensorFlow import."""
+    import subprocess
+    import sys
+
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD)
+    code = f"""
+import sys
+from click.testing import CliRunner
+from harness.cli import cli
+import harness.report, harness.plots, harness.regress, harness.scheduler, harness.sweep
+r = CliRunner().invoke(cli, ["sweep", {str(sweep)!r}, "--dry-run", "--data-dir", {str(data_dir)!r}, "--store", {str(tmp_path / 'h.db')!r}])
+assert r.exit_code == 0, r.output
+assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFlow was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
