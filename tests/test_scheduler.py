@@ -209,3 +209,32 @@ def test_progress_line_shows_device_activity(prepared) -> None:
     text = stream.getvalue()
     assert "gpu0.1: start mlp_32 seed=0" in text
     assert "running: gpu0.1 mlp_32 s0 12s" in text and "running 1 pending 7" in text
+
+
+def test_leases_are_renewed_while_a_long_run_trains(prepared, log: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run that takes longer than the lease stays claimed: the pool renews it while it trains."""
+    import threading
+
+    from harness.store import Claim
+
+    monkeypatch.setenv("HARNESS_FAKE_SLEEP", "2.5")
+    run = prepared.runs[0]
+    seen: list[Claim] = []
+    with SQLiteStore(tmp_path / "h.db") as store:
+        pool = pool_for(prepared, "ok", workers=1, lease_s=0.8)
+
+        def intruder() -> None:
+            with SQLiteStore(tmp_path / "h.db") as other:
+                deadline = time.monotonic() + 60
+                while not calls(log) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                for _ in range(8):  # 2 s, well past the 0.8 s lease
+                    seen.append(other.claim(run.run_id, owner="remote-host:1:intruder", lease_s=10))
+                    time.sleep(0.25)
+
+        thread = threading.Thread(target=intruder)
+        thread.start()
+        pool.run([run], store)
+        thread.join()
+    assert seen and set(seen) == {Claim.HELD}
+    assert len(calls(log)) == 1
