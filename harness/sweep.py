@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -147,10 +148,16 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
 
 
 class Progress:
-    """Live progress: a line per finished run (counts, result, ETA) and, while runs are going,
-    a status line of what each device is doing. The ETA weighs runs by their estimated FLOPs."""
+    """Live progress: a line per finished run (counts, result, ETA) and what each device is doing.
 
-    def __init__(self, runs: Sequence[PlannedRun] = (), *, stream: TextIO | None = None, every_s: float = 15.0) -> None:
+    On a terminal the device line stays at the bottom and is redrawn in place every second; in a
+    log (not a TTY) it is printed as a plain line every `every_s` seconds. The ETA weighs runs by
+    their estimated FLOPs.
+    """
+
+    def __init__(
+        self, runs: Sequence[PlannedRun] = (), *, stream: TextIO | None = None, every_s: float | None = None
+    ) -> None:
         self.total = len(runs)
         self.flops = {r.run_id: max(1, r.estimated_train_flops) for r in runs}
         self.total_flops = sum(self.flops.values()) or 1
@@ -160,9 +167,10 @@ class Progress:
         self.running: dict[str, tuple[str, PlannedRun]] = {}
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
-        self.every_s = every_s
-        self._last_status = self.start
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s = every_s if every_s is not None else (1.0 if self._tty else 15.0)
+        self._last_status = self.start
+        self._status = ""  # the live line currently drawn at the bottom of a terminal
 
     def eta_s(self) -> float | None:
         if not self.done_flops:
@@ -202,16 +210,42 @@ class Progress:
         )
 
     def tick(self, active: Sequence[tuple[Any, PlannedRun, float]]) -> None:
-        """Called by the scheduler while it waits: every `every_s`, one line of device activity."""
+        """Called by the scheduler while it waits: the device activity line, every `every_s`."""
         now = time.monotonic()
         if not active or now - self._last_status < self.every_s:
             return
         self._last_status = now
         busy = ", ".join(f"{getattr(slot, 'name', slot)} {run.variant.name[:24]} s{run.seed} {age:.0f}s" for slot, run, age in active)
-        self._write(f"  running: {busy} | {self.counts()}")
+        line = f"  running: {busy} | {self.counts()}"
+        if self._tty:
+            self._status = line
+            self._draw_status()
+        else:
+            self._write(line)
+
+    def _draw_status(self) -> None:
+        width = shutil.get_terminal_size((120, 24)).columns
+        self.stream.write("\r\033[K" + self._status[: max(20, width - 1)])
+        self.stream.flush()
 
     def _write(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self._tty and self._status:
+            self.stream.write("\r\033[K")  # clear the live line, print above it, draw it again
+            print(text, file=self.stream)
+            if self.running:
+                self._draw_status()
+            else:
+                self._status = ""
+                self.stream.flush()
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the live line so the next output starts on a fresh line."""
+        if self._tty and self._status:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._status = ""
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -280,18 +314,23 @@ def run_sweep(
     )
     todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=rerun_failed))
     progress = progress or Progress(todo)
-    if pool is not None:
-        records = pool.run(
-            todo,
-            store,
-            retries=retries,
-            on_start=lambda run, slot: progress.started(run, slot.name),
-            on_record=progress.finished,
-            on_tick=progress.tick,
-        )
-    else:
-        if train_fn is None:
-            from harness.train import train_run as train_fn  # TensorFlow only now
-        records = run_inline(todo, store=store, dataset=prepared.dataset, train_fn=train_fn, retries=retries, progress=progress)
+    try:
+        if pool is not None:
+            records = pool.run(
+                todo,
+                store,
+                retries=retries,
+                on_start=lambda run, slot: progress.started(run, slot.name),
+                on_record=progress.finished,
+                on_tick=progress.tick,
+            )
+        else:
+            if train_fn is None:
+                from harness.train import train_run as train_fn  # TensorFlow only now
+            records = run_inline(
+                todo, store=store, dataset=prepared.dataset, train_fn=train_fn, retries=retries, progress=progress
+            )
+    finally:
+        progress.close()
     distinct = len({run.run_id for run in prepared.runs})
     return SweepOutcome(planned=distinct, skipped=distinct - len(todo), records=tuple(records))

@@ -238,3 +238,21 @@ def test_leases_are_renewed_while_a_long_run_trains(prepared, log: Path, tmp_pat
         thread.join()
     assert seen and set(seen) == {Claim.HELD}
     assert len(calls(log)) == 1
+
+
+def test_progress_on_a_terminal_redraws_the_live_line(prepared) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = Progress(prepared.runs, stream=stream)
+    assert progress.every_s == 1.0  # a terminal gets a live line every second, a log every 15 s
+    progress.every_s = 0.0
+    progress.tick([("cpu.0", prepared.runs[0], 3.0)])
+    progress.started(prepared.runs[1], "cpu.1")
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\r\x1b[K  running: cpu.0 mlp_32 s0 3s") == 2  # drawn, then redrawn under the event
+    assert "\r\x1b[K  cpu.1: start mlp_32 seed=1\n" in text
+    assert text.endswith("\r\x1b[K")
