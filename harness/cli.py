@@ -55,6 +55,8 @@ def cli() -> None:
 @click.option("--seeds", type=int, default=None, help="Override the seed count (seeds 0..N-1).")
 @click.option("--epochs", type=int, default=None, help="Override every variant's epochs.")
 @click.option("--subset", default=None, metavar="TRAIN[:TEST]", help="Train on a stratified subset.")
+@click.option("--only", multiple=True, metavar="PATTERN",
+              help="Only the variants whose name matches this glob (repeatable), e.g. --only 'seed003*'.")
 @store_option
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder holding mnist.npz / idx files (default: $HARNESS_DATA_DIR).")
@@ -75,6 +77,7 @@ def sweep(
     seeds: int | None,
     epochs: int | None,
     subset: str | None,
+    only: tuple[str, ...],
     store_path: Path,
     data_dir: Path | None,
     rerun_failed: bool,
@@ -94,7 +97,7 @@ def sweep(
     from harness.sweep import format_plan, pending_runs, prepare_sweep, run_sweep
 
     spec = load_sweep(sweep_file).with_overrides(
-        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None
+        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None, only=only
     )
     use_gpus = parse_gpu_list(gpus) if gpus is not None else None
     cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import fnmatch
 import hashlib
 import itertools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -236,6 +237,7 @@ class SweepSpec:
     deterministic: bool
     variants: tuple[Variant, ...]
     description: str | None = None
+    partial: bool = False  # `--only` kept some of the file's variants
 
     def with_overrides(
         self,
@@ -243,9 +245,19 @@ class SweepSpec:
         seeds: int | None = None,
         epochs: int | None = None,
         subset: Subset | None = None,
+        only: Sequence[str] = (),
     ) -> "SweepSpec":
-        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`)."""
+        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`, `--only PATTERN`)."""
         spec = self
+        if only:
+            kept = tuple(v for v in spec.variants if any(fnmatch.fnmatchcase(v.name, p) for p in only))
+            if not kept:
+                raise SpecError(
+                    f"no variant of sweep '{spec.name}' matches {', '.join(repr(p) for p in only)}",
+                    file="--only",
+                    key="variants",
+                )
+            spec = dataclasses.replace(spec, variants=kept, partial=len(kept) < len(spec.variants))
         if seeds is not None:
             if seeds < 1:
                 raise SpecError("must be at least 1", file="--seeds", key="seeds")

@@ -101,7 +101,9 @@ class ResultStore(Protocol):
 
     def records(self, run_ids: Iterable[str]) -> list[RunRecord]: ...
 
-    def save_plan(self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]]) -> None: ...
+    def save_plan(
+        self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]], merge: bool = False
+    ) -> None: ...
 
     def plan(self, sweep: str) -> list[tuple[str, str, int]]: ...
 
@@ -300,9 +302,23 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ plans
 
-    def save_plan(self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]]) -> None:
-        """Record the sweep's current plan (run id, variant name, seed), replacing its previous plan."""
+    def save_plan(
+        self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]], merge: bool = False
+    ) -> None:
+        """Record the sweep's current plan (run id, variant name, seed), replacing its previous plan.
+
+        With `merge` (a sweep run for some of its variants, `--only`), only the plan of the variants
+        in `runs` is replaced; the others keep theirs, so the report still covers the whole sweep.
+        """
         with self._transaction():
+            if merge:
+                mine = {variant for _run_id, variant, _seed in runs}
+                kept = [row for row in self.plan(sweep) if row[1] not in mine]
+                old = self.sweep_info(sweep) or {}
+                new_variants = {v["name"]: v for v in info.get("variants", [])}
+                merged = [new_variants.pop(v["name"], v) for v in old.get("variants", [])]
+                info = {**info, "variants": merged + list(new_variants.values())}
+                runs = kept + list(runs)
             self._conn.execute(
                 "INSERT OR REPLACE INTO sweeps (name, source, planned_at, info) VALUES (?, ?, ?, ?)",
                 (sweep, source, utcnow(), json.dumps(info, sort_keys=True)),

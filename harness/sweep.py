@@ -311,6 +311,7 @@ def run_sweep(
         source=prepared.spec.source,
         info=sweep_info(prepared),
         runs=[(r.run_id, r.variant.name, r.seed) for r in prepared.runs],
+        merge=prepared.spec.partial,
     )
     todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=rerun_failed))
     progress = progress or Progress(todo)

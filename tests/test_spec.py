@@ -224,3 +224,11 @@ def test_dataset_paths_resolve_against_the_sweep_file(tmp_path: Path) -> None:
     assert spec.dataset.name == "mnist"
     assert load_text(tmp_path, BASE.replace("dataset: mnist", "dataset: data/m.npz")).dataset.kind == "npz"
     assert load_text(tmp_path, BASE.replace("dataset: mnist", "dataset: {path: idx/}")).dataset.kind == "idx"
+
+
+def test_only_keeps_matching_variants(tmp_path: Path) -> None:
+    spec = load_text(tmp_path, BASE + "grid:\n  model.dense.dropout: [0.0, 0.5]\n")
+    assert [v.name for v in spec.with_overrides(only=["b*"]).variants] == ["b[dense.dropout=0.0]", "b[dense.dropout=0.5]"]
+    assert len(spec.with_overrides(only=["a*", "*0.5]"]).variants) == 3
+    with pytest.raises(SpecError, match="no variant of sweep 't' matches 'zzz'"):
+        spec.with_overrides(only=["zzz"])

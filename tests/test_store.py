@@ -118,3 +118,12 @@ def test_claim_of_a_dead_local_process_is_stale_at_once(store: SQLiteStore) -> N
     assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.CLAIMED
     assert store.claim("r1", owner="remote-host:1:y", lease_s=60) is Claim.CLAIMED
     assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.HELD  # remote owner: trust its lease
+
+
+def test_partial_plan_merges_with_the_rest_of_the_sweep(store: SQLiteStore) -> None:
+    info = {"variants": [{"name": "a", "params": 1}, {"name": "b", "params": 2}], "seeds": [0]}
+    store.save_plan("s", source="s.yaml", info=info, runs=[("ra", "a", 0), ("rb", "b", 0)])
+    store.save_plan("s", source="s.yaml", info={"variants": [{"name": "b", "params": 3}], "seeds": [0]},
+                    runs=[("rb2", "b", 0)], merge=True)
+    assert store.plan("s") == [("ra", "a", 0), ("rb2", "b", 0)]
+    assert [(v["name"], v["params"]) for v in store.sweep_info("s")["variants"]] == [("a", 1), ("b", 3)]

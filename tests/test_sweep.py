@@ -125,3 +125,17 @@ def test_variants_made_equal_by_overrides_share_their_runs(tmp_path: Path, data_
     assert summary.loc["mlp_32", "n"] == 2 and summary.loc["mlp_32_long", "n"] == 2
     assert summary.loc["mlp_32", "mean"] == summary.loc["mlp_32_long", "mean"]
     assert format_plan(prepared, None).endswith("0 done, 0 failed, 4 to train")
+
+
+def test_only_some_variants_keeps_the_rest_of_the_report(tmp_path: Path, data_dir: Path) -> None:
+    from harness.report import load_results
+
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2)))
+    with SQLiteStore(tmp_path / "h.db") as store:
+        run_sweep(prepare_sweep(spec, data_dir=data_dir), store=store, train_fn=FakeTrainer(), progress=quiet())
+        again = FakeTrainer()
+        only = prepare_sweep(spec.with_overrides(only=["cnn*"], seeds=3), data_dir=data_dir)
+        outcome = run_sweep(only, store=store, train_fn=again, progress=quiet())
+        assert again.calls == [("cnn_8", 2)] and outcome.skipped == 2
+        summary = load_results(store, "tiny").summary.set_index("variant")
+    assert summary.loc["mlp_32", "n"] == 2 and summary.loc["cnn_8", "n"] == 3
