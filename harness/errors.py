@@ -36,3 +36,7 @@ class DataError(UserError):
 
 class StoreError(UserError):
     """A results store that cannot be used (wrong schema version, not a harness store)."""
+
+
+class WorkerStartError(UserError):
+    """A worker process could not start (TensorFlow missing or broken in this environment)."""

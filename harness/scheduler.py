@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Sequence
 
 from harness.devices import WorkerSlot
+from harness.errors import WorkerStartError
 from harness.plan import PlannedRun
 from harness.records import RunRecord, RunStatus, utcnow
 from harness.spec import DatasetRef, Subset
@@ -322,8 +323,10 @@ class WorkerPool:
                             )
                             finish(worker, failed_record(run, cause, wall_s=time.monotonic() - worker.sent_at, device=worker.slot.device))
                         elif not worker.ready:
-                            raise RuntimeError(
-                                f"worker {worker.slot.name} died while starting ({_signal_name(worker.process.exitcode)})"
+                            raise WorkerStartError(
+                                f"worker {worker.slot.name} died while starting ({_signal_name(worker.process.exitcode)}); "
+                                "its traceback is above; `harness sweep --in-process` trains without workers",
+                                key=self.train_fn,
                             )
                         self._replace(worker)
 

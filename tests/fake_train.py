@@ -68,3 +68,9 @@ def flaky(run, dataset) -> RunRecord:
         marker.touch()
         return _record(run, RunStatus.FAILED, "Traceback...\nRuntimeError: transient")
     return _record(run)
+
+
+def warm_up() -> None:
+    """Called by a worker before its first run (as harness.train.warm_up imports TensorFlow)."""
+    if os.environ.get("HARNESS_FAKE_BROKEN_INSTALL"):
+        raise ImportError("libtensorflow_framework.so.2: cannot open shared object file")

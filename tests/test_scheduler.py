@@ -256,3 +256,14 @@ def test_progress_on_a_terminal_redraws_the_live_line(prepared) -> None:
     assert text.count("\r\x1b[K  running: cpu.0 mlp_32 s0 3s") == 2  # drawn, then redrawn under the event
     assert "\r\x1b[K  cpu.1: start mlp_32 seed=1\n" in text
     assert text.endswith("\r\x1b[K")
+
+
+def test_worker_that_cannot_start_is_a_clear_error(prepared, log: Path, tmp_path: Path, monkeypatch) -> None:
+    from harness.errors import WorkerStartError
+
+    monkeypatch.setenv("HARNESS_FAKE_BROKEN_INSTALL", "1")
+    with SQLiteStore(tmp_path / "h.db") as store:
+        with pytest.raises(WorkerStartError, match="died while starting .exit code 1.*--in-process"):
+            pool_for(prepared, "ok").run(prepared.runs, store)
+        assert store.statuses(r.run_id for r in prepared.runs) == {} and store.claims() == {}
+    assert calls(log) == []
