@@ -202,7 +202,8 @@ class WorkerPool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join(timeout=10)
-        worker.conn.close()
+        if not worker.conn.closed:
+            worker.conn.close()
 
     def shutdown(self) -> None:
         """Stop idle workers politely; kill those still starting or busy (nothing of theirs is kept)."""
@@ -224,7 +225,8 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)
-            worker.conn.close()
+            if not worker.conn.closed:
+                worker.conn.close()
         self._workers = []
 
     # ------------------------------------------------------------------ the loop
@@ -244,7 +246,7 @@ class WorkerPool:
         waiting: collections.deque[PlannedRun] = collections.deque()  # held by another sweep's lease
         attempts: collections.Counter[str] = collections.Counter()
         records: list[RunRecord] = []
-        last_renew = time.monotonic()
+        last_renew = next_look = time.monotonic()
 
         def finish(worker: _Worker, record: RunRecord) -> None:
             run = worker.run
@@ -262,11 +264,11 @@ class WorkerPool:
         try:
             while True:
                 now = time.monotonic()
-                if waiting and not queue:
+                if waiting and not queue and now >= next_look:
                     # Another sweep holds these; look again once in a while (its lease may expire).
-                    time.sleep(min(1.0, self.lease_s / 10))
                     queue.extend(waiting)
                     waiting.clear()
+                    next_look = now + min(1.0, self.lease_s / 10)
                 for worker in self._workers:
                     if not (worker.ready and worker.run is None):
                         continue
@@ -333,11 +335,10 @@ class WorkerPool:
                 now = time.monotonic()
                 for worker in list(self._workers):
                     if worker.run is not None and self.timeout_s and now - worker.sent_at > self.timeout_s:
-                        run = worker.run
-                        self._kill(worker)
-                        finish(worker, failed_record(run, f"timed out after {self.timeout_s:g} s (worker killed)", wall_s=now - worker.sent_at, device=worker.slot.device))
-                        index = self._workers.index(worker)
-                        self._workers[index] = self._start(worker.slot)
+                        self._kill(worker)  # first, so no late result can arrive for the timed-out run
+                        cause = f"timed out after {self.timeout_s:g} s (worker killed)"
+                        finish(worker, failed_record(worker.run, cause, wall_s=now - worker.sent_at, device=worker.slot.device))
+                        self._replace(worker)
                 if now - last_renew > self.lease_s / 4:
                     store.renew((w.run.run_id for w in self._workers if w.run is not None), owner=self.owner, lease_s=self.lease_s)
                     last_renew = now
