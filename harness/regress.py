@@ -21,7 +21,7 @@ from harness import __version__
 from harness.aggregate import welch_p
 from harness.errors import UserError
 from harness.records import RunStatus, utcnow
-from harness.report import atomic_write, load_results
+from harness.report import SweepResults, atomic_write, load_results
 from harness.store import ResultStore
 
 BASELINE_FORMAT = "harness-baseline"
@@ -30,25 +30,31 @@ DEFAULT_THRESHOLD = 0.2  # accuracy points
 DEFAULT_ALPHA = 0.01
 
 
-def baseline_from_store(store: ResultStore, sweep: str) -> dict[str, Any]:
-    results = load_results(store, sweep)
+def finished_accuracies(results: SweepResults) -> dict[str, dict[str, Any]]:
+    """Per variant name: its id and the seeds and test accuracies (%) of its finished runs."""
     variants: dict[str, dict[str, Any]] = {}
     for name, record in zip(results.variants, results.records):
-        if record.status is not RunStatus.DONE or record.test_accuracy is None:
-            continue
-        entry = variants.setdefault(name, {"variant_id": record.variant_id, "seeds": [], "accuracy": []})
-        entry["seeds"].append(record.seed)
-        entry["accuracy"].append(round(100 * record.test_accuracy, 4))
+        if record.status is RunStatus.DONE and record.test_accuracy is not None:
+            entry = variants.setdefault(name, {"variant_id": record.variant_id, "seeds": [], "accuracy": []})
+            entry["seeds"].append(record.seed)
+            entry["accuracy"].append(100 * record.test_accuracy)
+    return variants
+
+
+def baseline_from_store(store: ResultStore, sweep: str) -> dict[str, Any]:
+    results = load_results(store, sweep)
+    variants = finished_accuracies(results)
     if not variants:
         raise UserError(f"sweep '{sweep}' has no finished run to make a baseline of", key="--sweep")
-    versions = next((r.versions for r in results.records if r.versions.get("tensorflow")), {})
+    for entry in variants.values():
+        entry["accuracy"] = [round(a, 4) for a in entry["accuracy"]]
     return {
         "format": BASELINE_FORMAT,
         "version": BASELINE_VERSION,
         "sweep": sweep,
         "created_at": utcnow(),
         "harness": __version__,
-        "versions": dict(versions),
+        "versions": dict(results.versions),
         "dataset": results.info.get("dataset", {}).get("fingerprint"),
         "variants": variants,
     }
@@ -144,14 +150,11 @@ def compare(
 
 
 def current_accuracies(store: ResultStore, sweep: str) -> tuple[dict[str, list[float]], dict[str, str]]:
-    results = load_results(store, sweep)
-    accuracies: dict[str, list[float]] = {}
-    ids: dict[str, str] = {}
-    for name, record in zip(results.variants, results.records):
-        if record.status is RunStatus.DONE and record.test_accuracy is not None:
-            accuracies.setdefault(name, []).append(100 * record.test_accuracy)
-            ids[name] = record.variant_id
-    return accuracies, ids
+    variants = finished_accuracies(load_results(store, sweep))
+    return (
+        {name: entry["accuracy"] for name, entry in variants.items()},
+        {name: entry["variant_id"] for name, entry in variants.items()},
+    )
 
 
 def render_comparison(rows: list[Comparison], *, sweep: str, baseline_path: str, threshold: float, alpha: float) -> str:

@@ -30,6 +30,11 @@ class SweepResults:
     summary: pd.DataFrame
     utilisation: dict[str, Any]
 
+    @property
+    def versions(self) -> dict[str, str]:
+        """Library versions of the first run that got as far as importing TensorFlow."""
+        return next((r.versions for r in self.records if r.versions.get("tensorflow")), {})
+
 
 def load_results(store: ResultStore, sweep: str) -> SweepResults:
     info = store.sweep_info(sweep)
@@ -123,7 +128,7 @@ def render_leaderboard(
         for row in problems.itertuples(index=False):
             lines.append(f"| {_md_escape(row.variant)} | {row.seed} | {row.status} | {_md_escape(row.error)[:200]} |")
     devices = sorted({d for d in runs["device"].tolist() if d}) if len(runs) else []
-    versions = next((r.versions for r in results.records if r.versions.get("tensorflow")), {})
+    versions = results.versions
     lines += [
         "",
         "## Provenance",

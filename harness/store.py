@@ -241,9 +241,6 @@ class SQLiteStore:
         by_id = {run_id: RunRecord.from_json(text) for run_id, text in self._by_run_id("record", ids)}
         return [by_id[i] for i in ids if i in by_id]
 
-    def all_records(self) -> list[RunRecord]:
-        return [RunRecord.from_json(row[0]) for row in self._conn.execute("SELECT record FROM runs ORDER BY rowid")]
-
     # ------------------------------------------------------------------ claims
 
     def claim(self, run_id: str, *, owner: str, lease_s: float) -> Claim:
@@ -346,6 +343,3 @@ class SQLiteStore:
     def sweeps(self) -> list[str]:
         return [row[0] for row in self._conn.execute("SELECT name FROM sweeps ORDER BY planned_at, name")]
 
-
-def open_store(path: str | Path | None = None, *, create: bool = True) -> SQLiteStore:
-    return SQLiteStore(path or DEFAULT_STORE, create=create)

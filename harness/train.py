@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -100,6 +101,7 @@ def make_optimizer(spec: Optimizer):
     return keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **kwargs)
 
 
+@functools.cache
 def library_versions() -> dict[str, str]:
     import keras
     import numpy
@@ -114,7 +116,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
+@functools.cache
 def device_label() -> str:
+    """The device this process trains on (fixed for a worker's life: its pinning env is set first)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -164,7 +168,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
         import keras
         import tensorflow as tf
 
-        versions = library_versions()
+        versions = dict(library_versions())
         device = device_label()
         keras.utils.set_random_seed(run.seed)
         if run.deterministic:
