@@ -110,7 +110,10 @@ def sweep(
         )
 
     if dry_run:
-        prepared = prepare_sweep(spec, data_dir=data_dir)
+        if any(v.model.builder for v in spec.variants):
+            click.echo("note: building the builder models to count their parameters (imports TensorFlow and runs "
+                       "the builder code in this process)", err=True)
+        prepared = prepare_sweep(spec, data_dir=data_dir, build_builders=True)
         _note_shared(prepared)
         store = SQLiteStore(store_path, create=False) if store_path.exists() else None
         pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs

@@ -69,14 +69,25 @@ def run_id_for(variant: Variant, *, seed: int, data_fingerprint: str, determinis
     )[:20]
 
 
-def build_plan(spec: SweepSpec, dataset: Dataset) -> list[PlannedRun]:
+def summarize_variant(variant: Variant, dataset: Dataset, *, source: str, build_builders: bool = False) -> ModelSummary:
+    """Parameters and FLOPs of a variant's model: the shape walk for the vocabulary; for a builder
+    model, nothing (params 0: unknown, FLOPs 0) unless `build_builders` builds it (imports
+    TensorFlow and the user's module: dry runs only)."""
+    if variant.model.builder is not None:
+        from harness.builders import builder_summary
+
+        return builder_summary(variant, dataset, source=source, build=build_builders)
+    try:
+        return summarize_model(variant.model, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
+    except ValueError as exc:
+        raise SpecError(f"{exc} (variant '{variant.name}', images {dataset.image_shape})", file=source, key="conv") from None
+
+
+def build_plan(spec: SweepSpec, dataset: Dataset, *, build_builders: bool = False) -> list[PlannedRun]:
     described = dataset.describe()
     runs = []
     for variant in spec.variants:
-        try:
-            summary = summarize_model(variant.model, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
-        except ValueError as exc:
-            raise SpecError(f"{exc} (variant '{variant.name}', images {dataset.image_shape})", file=spec.source, key="conv") from None
+        summary = summarize_variant(variant, dataset, source=spec.source, build_builders=build_builders)
         for seed in spec.seeds:
             runs.append(
                 PlannedRun(

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.errors import SpecError
 
@@ -104,11 +112,32 @@ class ModelConfig(_Strict):
         "mean_squared_error",
     ] = "categorical_crossentropy"
     optimizer: Optimizer = Field(default_factory=lambda: Optimizer(name="adam"))
+    # Bring your own model (harness/builders.py): "package.module:function" and its keyword args.
+    # The vocabulary above (conv, head, dense, regularizer, output_activation) does not apply then.
+    builder: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    inputs: Literal["images", "flat"] = "images"  # what a builder model is fed: (H, W, C) or flat vectors
+    builder_source: str | None = None  # sha256 of the builder's module file, set by load_sweep (run identity)
 
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer_shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _dump_own_keys(self, handler: Any) -> dict[str, Any]:
+        # Only the keys that mean something for this kind of model, so a vocabulary model's dump
+        # (and its run ids) is what it was before builders existed.
+        data = handler(self)
+        drop = BUILDER_ONLY_KEYS if self.builder is None else VOCABULARY_ONLY_KEYS
+        return {key: value for key, value in data.items() if key not in drop}
+
+    def __hash__(self) -> int:
+        return hash(canonical_json(self.model_dump(mode="json")))
+
+
+BUILDER_ONLY_KEYS = frozenset({"builder", "args", "inputs", "builder_source"})
+VOCABULARY_ONLY_KEYS = frozenset({"conv", "head", "dense", "regularizer", "output_activation"})
 
 
 class TrainBudget(_Strict):
@@ -210,6 +239,7 @@ class Variant:
     reference: tuple[float, ...] = ()
     base: str = ""  # the variant entry it came from (differs from name under a grid)
     grid_point: tuple[tuple[str, Any], ...] = ()
+    code_root: str | None = None  # a builder model: the folder its module is imported from (not identity)
 
     def content(self) -> dict[str, Any]:
         """Canonical content: what the variant trains, independent of its name."""
@@ -465,6 +495,49 @@ def _set_path(target: dict[str, Any], dotted: str, value: Any) -> bool:
     return False
 
 
+def _own_kind_keys(merged: dict[str, Any], *, own: Mapping[str, Any], file: str, prefix: str) -> dict[str, Any]:
+    """Keep the keys that apply to the variant's kind of model (builder or vocabulary).
+
+    Keys inherited from `defaults` that do not apply are dropped (a sweep may mix both kinds);
+    a key the variant sets itself that does not apply is an error."""
+    if "builder_source" in merged:
+        raise SpecError("unknown key (the harness sets it from the builder's file)", file=file, key=f"{prefix}.builder_source")
+    is_builder = merged.get("builder") is not None
+    drop = VOCABULARY_ONLY_KEYS if is_builder else BUILDER_ONLY_KEYS - {"builder"}
+    for key in own:
+        if key in drop:
+            problem = (
+                f"'{key}' does not apply to a builder model (the builder function defines the layers)"
+                if is_builder
+                else f"'{key}' only applies to a builder model (add 'builder: package.module:function')"
+            )
+            raise SpecError(problem, file=file, key=f"{prefix}.{key}")
+    return {key: value for key, value in merged.items() if key not in drop and not (key == "builder" and value is None)}
+
+
+def _with_builder_source(
+    model: ModelConfig, *, variant: str, file: str, prefix: str, sources: dict[str, Any]
+) -> tuple[ModelConfig, str]:
+    """Find the builder's module file (without importing it), check the args against the
+    function's signature, and put the file's content hash into the model (run identity)."""
+    from harness.builders import BuilderError, check_args, locate_builder
+
+    assert model.builder is not None
+    try:
+        if model.builder not in sources:
+            sources[model.builder] = locate_builder(model.builder, sweep_dir=Path(file).parent)
+        source = sources[model.builder]
+    except BuilderError as exc:
+        raise SpecError(str(exc), file=file, key=f"{prefix}.builder") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read the builder's module: {exc}", file=file, key=f"{prefix}.builder") from None
+    try:
+        check_args(source, model.args)
+    except BuilderError as exc:
+        raise SpecError(f"{exc} (variant '{variant}')", file=file, key=f"{prefix}.args") from None
+    return model.model_copy(update={"builder_source": source.sha256}), source.root
+
+
 def _format_grid_value(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return canonical_json(value)
@@ -495,8 +568,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise SpecError("a grid axis needs at least one value", file=file, key=f"grid.{key}")
 
     variants: list[Variant] = []
+    builder_sources: dict[str, Any] = {}  # a builder's file is read and hashed once per load
     for i, entry in enumerate(sweep.variants):
-        base_model = deep_merge(sweep.defaults, entry.model)
+        base_model = _own_kind_keys(
+            deep_merge(sweep.defaults, entry.model), own=entry.model, file=file, prefix=f"variants[{i}].model"
+        )
         base_train = {
             "epochs": entry.budget.epochs or budget.epochs,
             "batch_size": entry.budget.batch_size or budget.batch_size,
@@ -510,6 +586,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
         resolved = _validate(ModelConfig, base_model, file=file, prefix=prefix).model_dump(mode="json")
         full = {"model": resolved, "budget": base_train}
         for key, _values in grid_items:
+            if key == "model.builder_source":
+                raise SpecError("unknown key (the harness sets it from the builder's file)", file=file, key=f"grid.{key}")
+            arg = key.removeprefix("model.args.")
+            if resolved.get("builder") and arg != key and "." not in arg:
+                full["model"]["args"].setdefault(arg, None)  # a builder arg left at its default so far
             probe = copy.deepcopy(full)
             if not _set_path(probe, key, None):
                 raise SpecError(
@@ -540,10 +621,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
                     file=file,
                     key=f"grid.{axis}" if axis else "grid",
                 ) from None
+            code_root = None
+            if model.builder is not None:
+                model, code_root = _with_builder_source(
+                    model, variant=name, file=file, prefix=f"variants[{i}].model", sources=builder_sources
+                )
             variants.append(
                 Variant(
                     name=name,
                     model=model,
+                    code_root=code_root,
                     epochs=train.epochs,
                     batch_size=train.batch_size,
                     validation_split=train.validation_split,

@@ -44,13 +44,17 @@ class SweepOutcome:
         return len(self.records)
 
 
-def prepare_sweep(spec: SweepSpec, *, data_dir: str | Path | None = None) -> PreparedSweep:
-    """Load the data (fingerprint) and plan every run. Raises `DataError`/`SpecError`; writes nothing."""
+def prepare_sweep(
+    spec: SweepSpec, *, data_dir: str | Path | None = None, build_builders: bool = False
+) -> PreparedSweep:
+    """Load the data (fingerprint) and plan every run. Raises `DataError`/`SpecError`; writes nothing.
+
+    `build_builders` builds builder models to count their parameters (imports TensorFlow and the
+    user's code here: for dry runs)."""
     folder = configured_data_dir(data_dir)
     dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=folder)
-    return PreparedSweep(
-        spec=spec, dataset=dataset, runs=tuple(build_plan(spec, dataset)), data_dir=str(folder) if folder else None
-    )
+    runs = build_plan(spec, dataset, build_builders=build_builders)
+    return PreparedSweep(spec=spec, dataset=dataset, runs=tuple(runs), data_dir=str(folder) if folder else None)
 
 
 def sweep_info(prepared: PreparedSweep) -> dict:
@@ -135,9 +139,12 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
         first = runs[0]
         done = sum(1 for r in runs if statuses.get(r.run_id, RunStatus.PENDING).is_finished())
         failed = sum(1 for r in runs if statuses.get(r.run_id) is RunStatus.FAILED)
+        known = bool(first.summary.layers)  # a builder model not built for this plan: unknown
+        params = f"{first.summary.params:>10,}" if known else f"{'?':>10}"
+        gflops = f"{first.estimated_train_flops / 1e9:>10.1f}" if first.summary.forward_flops else f"{'?':>10}"
         lines.append(
-            f"{name[:48]:<48} {first.variant.variant_id:<12} {first.summary.params:>10,} "
-            f"{first.variant.epochs:>6} {first.variant.batch_size:>5} {first.estimated_train_flops / 1e9:>10.1f} "
+            f"{name[:48]:<48} {first.variant.variant_id:<12} {params} "
+            f"{first.variant.epochs:>6} {first.variant.batch_size:>5} {gflops} "
             f"{done:>5} {failed:>6}"
         )
     distinct = {run.run_id for run in prepared.runs}

@@ -175,8 +175,17 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             tf.config.experimental.enable_op_determinism()
 
         config = run.variant.model
-        images = uses_images(config)
-        x_all, y_all, x_test, y_test = _prepared_arrays(dataset, config.preprocess, images, config.loss)
+        own_model = None  # a builder model (harness/builders.py), built before its data is shaped
+        if config.builder is not None:
+            from harness.builders import build_builder_model, target_loss
+
+            own_model = build_builder_model(
+                config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
+            )
+            images, loss_kind = config.inputs == "images", target_loss(own_model, config.loss)
+        else:
+            images, loss_kind = uses_images(config), config.loss
+        x_all, y_all, x_test, y_test = _prepared_arrays(dataset, config.preprocess, images, loss_kind)
         n_val = int(round(len(x_all) * run.variant.validation_split))
         if n_val:
             x_fit, y_fit = x_all[:-n_val], y_all[:-n_val]
@@ -184,13 +193,15 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
         else:
             x_fit, y_fit, validation = x_all, y_all, None
 
-        model = build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
-        accuracy = (
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-            if config.loss == "sparse_categorical_crossentropy"
-            else keras.metrics.CategoricalAccuracy(name="accuracy")
-        )
-        model.compile(optimizer=make_optimizer(config.optimizer), loss=config.loss, metrics=[accuracy])
+        model = own_model or build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
+        compiled_by_user = own_model is not None and bool(getattr(own_model, "compiled", False))
+        if not compiled_by_user:
+            accuracy = (
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+                if config.loss == "sparse_categorical_crossentropy"
+                else keras.metrics.CategoricalAccuracy(name="accuracy")
+            )
+            model.compile(optimizer=make_optimizer(config.optimizer), loss=config.loss, metrics=[accuracy])
         built = time.perf_counter()
         fit = model.fit(
             x_fit,
@@ -203,10 +214,19 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             callbacks=[keras.callbacks.TerminateOnNaN()],
         )
         trained = time.perf_counter()
-        test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=max(run.variant.batch_size, 256), verbose=0)
+        if compiled_by_user:
+            from harness.builders import evaluate_compiled, normalized_history
+
+            test_loss, test_accuracy = evaluate_compiled(
+                model, x_test, y_test, dataset.y_test, batch_size=max(run.variant.batch_size, 256)
+            )
+            fit_history = normalized_history(fit.history)
+        else:
+            test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=max(run.variant.batch_size, 256), verbose=0)
+            fit_history = fit.history
         finished = time.perf_counter()
 
-        history = {key: _floats(values) for key, values in fit.history.items()}
+        history = {key: _floats(values) for key, values in fit_history.items()}
         epochs_ran = len(history.get("loss", []))
         train_s = trained - built
         diverged = (
