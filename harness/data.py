@@ -9,7 +9,9 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import io
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,16 @@ SUBSET_SEED = 20180609  # fixed: every run of a sweep sees the same subset, what
 _BUILTIN_CANDIDATES = {
     "mnist": ("mnist.npz", "mnist-idx", "mnist"),
     "fashion_mnist": ("fashion_mnist.npz", "fashion-mnist.npz", "fashion-mnist-idx", "fashion-mnist", "fashion_mnist"),
+    # CIFAR: an npz with x_train/y_train/x_test/y_test, or the python batches as published
+    # (the folder, or the .tar.gz it comes in); Keras' cache holds the folder.
+    "cifar10": ("cifar10.npz", "cifar-10.npz", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+    "cifar100": ("cifar100.npz", "cifar-100.npz", "cifar-100-python", "cifar-100-python.tar.gz"),
+}
+_KERAS_CACHE_NAMES = {
+    "mnist": ("mnist.npz",),
+    "fashion_mnist": (),
+    "cifar10": ("cifar-10-batches-py", "cifar-10-batches-py_extracted/cifar-10-batches-py"),
+    "cifar100": ("cifar-100-python", "cifar-100-python_extracted/cifar-100-python"),
 }
 
 
@@ -132,6 +144,91 @@ def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(-1, side, side).astype(np.uint8), labels.astype(np.int64)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python batches and nothing else: the only globals allowed are numpy's
+    array reconstruction and `_codecs.encode` (how protocol-2 pickles spell bytes). Any other
+    global (os.system, builtins.eval...) is refused, so a crafted file cannot run code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (CIFAR batches need only numpy arrays)")
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(data: bytes, name: str) -> dict:
+    try:
+        batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise ValueError(f"{name}: not a CIFAR python batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{name}: not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+    return {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+
+
+def _cifar_arrays(batches: list[tuple[str, dict]], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for name, batch in batches:
+        if "data" not in batch or label_key not in batch:
+            raise ValueError(f"{name}: a CIFAR batch needs 'data' and '{label_key}'")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{name}: 'data' is {data.dtype} {data.shape}; expected uint8 (N, 3072)")
+        label = np.asarray(batch[label_key])
+        if label.shape != (len(data),):
+            raise ValueError(f"{name}: {len(label)} labels for {len(data)} images")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # channels last
+        labels.append(label.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _cifar_members(path: Path) -> dict[str, bytes]:
+    """The files of a CIFAR python folder, or of the .tar.gz it is published as (read, not extracted)."""
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+    import tarfile
+
+    members: dict[str, bytes] = {}
+    with tarfile.open(path, "r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile():
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    members[Path(member.name).name] = handle.read()
+    return members
+
+
+def read_cifar(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIFAR-10 (`data_batch_1..5`, `test_batch`) or CIFAR-100 (`train`, `test`, fine labels) python
+    batches, unpickled with a restricted unpickler; images come out (N, 32, 32, 3) uint8."""
+    files = _cifar_members(path)
+    train_names = sorted(n for n in files if n.startswith("data_batch_"))
+    if train_names and "test_batch" in files:
+        names, test_names, label_key = train_names, ["test_batch"], "labels"
+    elif "train" in files and "test" in files:
+        names, test_names, label_key = ["train"], ["test"], "fine_labels"
+    else:
+        raise ValueError("expected CIFAR-10 data_batch_* and test_batch, or CIFAR-100 train and test files")
+    x_train, y_train = _cifar_arrays([(n, _unpickle_batch(files[n], n)) for n in names], label_key)
+    x_test, y_test = _cifar_arrays([(n, _unpickle_batch(files[n], n)) for n in test_names], label_key)
+    return x_train, y_train, x_test, y_test
+
+
+def is_cifar_path(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "test_batch").is_file() or ((path / "train").is_file() and (path / "test").is_file())
+    return path.name.endswith((".tar.gz", ".tgz"))
+
+
 # --------------------------------------------------------------------------- resolution
 
 
@@ -141,9 +238,16 @@ def configured_data_dir(data_dir: str | Path | None = None) -> Path | None:
 
 
 def _read_path(path: Path):
+    if is_cifar_path(path):
+        return read_cifar(path)
     if path.is_dir():
         return read_idx_folder(path)
     return read_npz(path)
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras' own downloader keeps its datasets ($KERAS_HOME/datasets, default ~/.keras/datasets)."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras").expanduser() / "datasets"
 
 
 def _read_found(path: Path, name: str):
@@ -167,6 +271,11 @@ def _load_builtin(name: str, data_dir: Path | None):
         looked.append(str(DEBIAN_FASHION_DIR))
         if DEBIAN_FASHION_DIR.is_dir():
             return _read_found(DEBIAN_FASHION_DIR, name)
+    for cached in _KERAS_CACHE_NAMES.get(name, ()):
+        path = keras_cache_dir() / cached
+        looked.append(str(path))
+        if path.exists():
+            return _read_found(path, name)
     looked.append(f"keras.datasets.{name}.load_data() (download)")
     try:
         arrays = _keras_download(name)
@@ -189,9 +298,35 @@ def _keras_download(name: str):
     return x_train, y_train, x_test, y_test
 
 
+def call_loader(ref: DatasetRef):
+    """Import and call the sweep's `dataset: {loader: ...}` function (the user's code runs here:
+    in the sweep's process, which needs the data's fingerprint to plan, and in each worker)."""
+    import json
+
+    from harness.builders import load_builder
+
+    assert ref.loader is not None
+    where = f"loader '{ref.loader}'"
+    try:
+        function = load_builder(ref.loader, root=ref.code_root, expected_sha256=None)
+        result = function(**json.loads(ref.loader_args))
+    except Exception as exc:  # noqa: BLE001 - the user's code: any failure is a one-line error
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DataError(f"{where} failed: {type(exc).__name__}: {message}".rstrip(": "), key="dataset.loader") from None
+    try:
+        (x_train, y_train), (x_test, y_test) = result
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where} returned {type(result).__name__}; expected (x_train, y_train), (x_test, y_test)", key="dataset.loader"
+        ) from None
+    return f"loader {ref.loader}", (x_train, y_train, x_test, y_test)
+
+
 def _read_ref(ref: DatasetRef, data_dir: Path | None):
     if ref.kind == "builtin":
         return _load_builtin(ref.name, data_dir)
+    if ref.kind == "loader":
+        return call_loader(ref)
     if ref.kind == "csv":
         for path in (ref.train, ref.test):
             if not Path(path).is_file():
@@ -208,12 +343,14 @@ def _read_ref(ref: DatasetRef, data_dir: Path | None):
     try:
         return str(path), _read_path(path)
     except (OSError, ValueError, EOFError) as exc:
-        kind = "idx folder" if path.is_dir() else "npz file"
+        kind = "CIFAR python batches" if is_cifar_path(path) else "idx folder" if path.is_dir() else "npz file"
         raise DataError(f"cannot read {kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=str(path), key="dataset") from None
 
 
 def _check_arrays(arrays, source: str):
     x_train, y_train, x_test, y_test = (np.asarray(a) for a in arrays)
+    # Labels as a column (Keras' CIFAR loaders return (N, 1)) become (N,).
+    y_train, y_test = (y.reshape(-1) if y.ndim == 2 and y.shape[1:] == (1,) else y for y in (y_train, y_test))
     for label, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim not in (3, 4) or len(x) != len(y) or y.ndim != 1 or len(y) == 0:
             raise DataError(

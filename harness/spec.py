@@ -30,7 +30,7 @@ from pydantic import (
 from harness.errors import SpecError
 
 SCHEMA_VERSION = 1
-BUILTIN_DATASETS = ("mnist", "fashion_mnist")
+BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 Activation = Literal["relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "linear"]
 DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -184,6 +184,9 @@ class DatasetFiles(_Strict):
     train: str | None = None
     test: str | None = None
     name: str | None = None
+    # Or the user's own function returning (x_train, y_train), (x_test, y_test): "package.module:function".
+    loader: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the loader
 
 
 class VariantEntry(_Strict):
@@ -220,13 +223,16 @@ class SweepFile(_Strict):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetRef:
-    """Where the data comes from. `kind` is 'builtin', 'npz', 'idx' or 'csv'."""
+    """Where the data comes from. `kind` is 'builtin', 'npz', 'idx', 'csv' or 'loader'."""
 
     kind: str
     name: str
     path: str | None = None
     train: str | None = None
     test: str | None = None
+    loader: str | None = None  # "package.module:function" (kind 'loader')
+    loader_args: str = "{}"  # its keyword arguments as canonical JSON (the ref stays hashable)
+    code_root: str | None = None  # the folder the loader's module is imported from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,7 +445,8 @@ def _resolve_dataset(value: Any, *, file: Path) -> DatasetRef:
         value = _validate(DatasetFiles, value, file=str(file), prefix="dataset")
     elif not isinstance(value, str):
         raise SpecError(
-            "expected a dataset name (mnist, fashion_mnist), a path, or a mapping with path or train/test",
+            f"expected a dataset name ({', '.join(BUILTIN_DATASETS)}), a path, or a mapping with path, "
+            "train/test or loader",
             file=str(file),
             key="dataset",
         )
@@ -459,6 +466,24 @@ def _resolve_dataset(value: Any, *, file: Path) -> DatasetRef:
                 key="dataset",
             )
         value = DatasetFiles(path=value)
+    if value.loader is not None:
+        if value.path is not None or value.train or value.test:
+            raise SpecError("give either 'loader' or files ('path', 'train'+'test'), not both", file=str(file), key="dataset")
+        from harness.builders import BuilderError, locate_builder
+
+        try:
+            found = locate_builder(value.loader, sweep_dir=base)
+        except (BuilderError, OSError) as exc:
+            raise SpecError(str(exc), file=str(file), key="dataset.loader") from None
+        try:
+            args = canonical_json(value.args)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"loader args must be plain data ({exc})", file=str(file), key="dataset.args") from None
+        return DatasetRef(
+            kind="loader", name=value.name or found.function, loader=value.loader, loader_args=args, code_root=found.root
+        )
+    if value.args:
+        raise SpecError("'args' only applies to a dataset 'loader'", file=str(file), key="dataset.args")
     if value.path is not None and (value.train or value.test):
         raise SpecError("give either 'path' or 'train'+'test', not both", file=str(file), key="dataset")
     if value.path is not None:
