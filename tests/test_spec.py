@@ -188,8 +188,8 @@ def test_unsupported_schema_version(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name(tmp_path: Path) -> None:
-    message = error_of(tmp_path, BASE.replace("dataset: mnist", "dataset: cifar10"))
-    assert "key 'dataset'" in message and "cifar10" in message
+    message = error_of(tmp_path, BASE.replace("dataset: mnist", "dataset: cifar11"))
+    assert "key 'dataset'" in message and "cifar11" in message
 
 
 def test_missing_file() -> None:
