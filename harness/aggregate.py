@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.health import Health, health_of
 from harness.records import RunRecord, RunStatus
 
 RUN_COLUMNS = [
@@ -22,6 +23,7 @@ RUN_COLUMNS = [
     "wall_s",
     "params",
     "near_chance",
+    "health",
     "device",
     "error",
 ]
@@ -33,6 +35,7 @@ def runs_frame(records: Sequence[RunRecord], *, variants: Sequence[str] | None =
     rows = []
     for i, record in enumerate(records):
         acc = record.test_accuracy
+        diagnosis = health_of(record)
         rows.append(
             {
                 "run_id": record.run_id,
@@ -46,6 +49,7 @@ def runs_frame(records: Sequence[RunRecord], *, variants: Sequence[str] | None =
                 "wall_s": record.timings.get("wall_s", np.nan),
                 "params": record.metrics.get("params", np.nan),
                 "near_chance": any(flag.value == "near_chance" for flag in record.flags),
+                "health": diagnosis.health.value if diagnosis is not None else "",
                 "device": record.device,
                 "error": (record.error or "").strip().splitlines()[-1] if record.error else "",
             }
@@ -93,6 +97,8 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: 
                 "failures": int(mine["status"].isin([RunStatus.FAILED.value, RunStatus.DIVERGED.value]).sum()),
                 "diverged": int((mine["status"] == RunStatus.DIVERGED.value).sum()),
                 "near_chance": int(done["near_chance"].sum()),
+                "collapsed": _count_health(done, Health.COLLAPSED),
+                "mismatched": _count_health(done, Health.TRAIN_EVAL_MISMATCH),
                 "mean": mean,
                 "std": std,
                 "ci_low": low,
@@ -121,6 +127,10 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: 
     frame["p_vs_best"] = p_values
     frame["tied_with_best"] = tied
     return frame
+
+
+def _count_health(runs: pd.DataFrame, health: Health) -> int:
+    return int((runs["health"] == health.value).sum()) if "health" in runs else 0
 
 
 def welch_p(a: Sequence[float], b: Sequence[float], *, alternative: str = "two-sided") -> float:

@@ -8,6 +8,7 @@ from typing import Any
 from harness.architecture import ModelSummary, summarize_model
 from harness.data import Dataset
 from harness.errors import SpecError
+from harness.health import diagnose_record
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec, Variant, content_hash
 
@@ -36,8 +37,9 @@ class PlannedRun:
         }
 
     def record(self, status: RunStatus, **fields: Any) -> RunRecord:
-        """A `RunRecord` of this run: identity, config, budget and data filled in from the plan."""
-        return RunRecord(
+        """A `RunRecord` of this run: identity, config, budget and data filled in from the plan;
+        a finished run also gets its health diagnosis (`harness.health`)."""
+        record = RunRecord(
             run_id=self.run_id,
             sweep=self.sweep,
             variant=self.variant.name,
@@ -49,6 +51,9 @@ class PlannedRun:
             dataset=self.dataset,
             **fields,
         )
+        if "diagnosis" not in fields and status.is_finished():
+            record = dataclasses.replace(record, diagnosis=diagnose_record(record))
+        return record
 
     @property
     def estimated_train_flops(self) -> int:

@@ -8,6 +8,8 @@ import enum
 import json
 from typing import Any, Mapping
 
+from harness.health import Diagnosis
+
 RECORD_VERSION = 1
 
 
@@ -59,6 +61,9 @@ class RunRecord:
     started_at: str | None = None
     finished_at: str | None = None
     record_version: int = RECORD_VERSION
+    # health of a finished run (harness/health.py); None for failed runs and for records stored
+    # before diagnoses existed (`health.health_of` diagnoses those on reading)
+    diagnosis: Diagnosis | None = None
 
     @property
     def test_accuracy(self) -> float | None:
@@ -69,6 +74,7 @@ class RunRecord:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
         data["flags"] = [flag.value for flag in self.flags]
+        data["diagnosis"] = self.diagnosis.to_dict() if self.diagnosis is not None else None
         return json.dumps(data, sort_keys=True, allow_nan=True)
 
     @classmethod
@@ -79,4 +85,6 @@ class RunRecord:
             raise ValueError(f"run record version {version!r} is not supported (expected {RECORD_VERSION})")
         data["status"] = RunStatus(data["status"])
         data["flags"] = tuple(RunFlag(flag) for flag in data.get("flags", ()))
+        diagnosis = data.get("diagnosis")
+        data["diagnosis"] = Diagnosis.from_dict(diagnosis) if diagnosis else None
         return cls(**data)

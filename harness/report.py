@@ -15,6 +15,7 @@ import pandas as pd
 from harness import __version__
 from harness.aggregate import runs_frame, summarize, sweep_utilisation
 from harness.errors import UserError
+from harness.health import health_of
 from harness.records import RunRecord, RunStatus
 from harness.store import ResultStore
 
@@ -105,12 +106,12 @@ def render_leaderboard(
         if row.diverged:
             failures += f" ({row.diverged} diverged)"
         name = _md_escape(row.variant)
-        if row.near_chance:
-            name += f" ⚠ {row.near_chance} near chance"
+        name += _health_note(row)
         lines.append(
             f"| {rank} | {name} | {_pct(row.mean)} | {_pct(row.std)} | {ci} | {row.n} | {failures} | "
             f"{reference} | {row.params:,} | {_pct(row.train_s, 1)} |"
         )
+    lines += render_health(results)
     if plots:
         lines += ["", "## Plots", ""]
         captions = {
@@ -146,6 +147,52 @@ def render_leaderboard(
         "",
     ]
     return "\n".join(lines)
+
+
+def _health_note(row: Any) -> str:
+    """The leaderboard's warning beside a variant: what its unhealthy runs are (harness/health.py)."""
+    notes = []
+    if getattr(row, "mismatched", 0):
+        notes.append(f"{row.mismatched} train/eval mismatch")
+    if getattr(row, "collapsed", 0):
+        notes.append(f"{row.collapsed} collapsed")
+    unexplained = row.near_chance - getattr(row, "mismatched", 0) - getattr(row, "collapsed", 0)
+    if unexplained > 0:
+        notes.append(f"{unexplained} near chance")
+    return f" ⚠ {', '.join(notes)}" if notes else ""
+
+
+def render_health(results: SweepResults) -> list[str]:
+    """The "Run health" section: every diverged, collapsed or mismatched run, why, and what to do."""
+    rows = []
+    for variant, record in zip(results.variants, results.records):
+        diagnosis = health_of(record)
+        if diagnosis is not None and diagnosis.health.is_problem():
+            rows.append((variant, record.seed, diagnosis))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Run health",
+        "",
+        "A **train/eval mismatch** is not a collapse: the model learnt (its training accuracy is high) but "
+        "its inference-mode accuracy is far lower, usually because batch-norm moving statistics have not "
+        "converged in so few steps. Its low accuracy says the budget is too small for those statistics, not "
+        "that the architecture is worse; more steps or a lower `batchnorm_momentum` fix it. A **collapse** "
+        "is a run whose training accuracy itself stayed near chance; **diverged**: the loss became NaN.",
+        "",
+        "| Variant | Seed | Health | Train acc (%) | Test acc (%) | Steps | Evidence | Likely cause | Try |",
+        "|---|---:|---|---:|---:|---:|---|---|---|",
+    ]
+    for variant, seed, d in rows:
+        train = "—" if d.train_accuracy is None else f"{100 * d.train_accuracy:.2f}"
+        test = "—" if d.eval_accuracy is None else f"{100 * d.eval_accuracy:.2f}"
+        causes = "; ".join(cause.label for cause in d.causes) or "—"
+        lines.append(
+            f"| {_md_escape(variant)} | {seed} | {d.health.label} | {train} | {test} | {d.steps or '—'} | "
+            f"{_md_escape(d.evidence)} | {_md_escape(causes)} | {_md_escape(d.advice) or '—'} |"
+        )
+    return lines
 
 
 def _describe_budget(info: dict[str, Any]) -> str:
@@ -202,7 +249,7 @@ def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = Non
 EXPORT_COLUMNS = [
     "sweep", "run_id", "variant", "variant_id", "seed", "status", "test_accuracy", "test_loss", "params",
     "epochs", "batch_size", "validation_split", "train_s", "wall_s", "estimated_train_flops", "device",
-    "tensorflow", "keras", "dataset_fingerprint", "started_at", "finished_at", "flags", "error",
+    "tensorflow", "keras", "dataset_fingerprint", "started_at", "finished_at", "flags", "health", "error",
 ]
 
 
@@ -236,6 +283,7 @@ def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
             "started_at": record.started_at,
             "finished_at": record.finished_at,
             "flags": ";".join(flag.value for flag in record.flags),
+            "health": diagnosis.health.value if (diagnosis := health_of(record)) is not None else "",
             "error": (record.error or "").strip().splitlines()[-1] if record.error else "",
         }
         row.update({f"grid.{key}": value for key, value in grid.get(variant, {}).items()})

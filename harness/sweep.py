@@ -198,7 +198,9 @@ class Progress:
         self.done_flops += self.flops.get(record.run_id, 1)
         if record.status is RunStatus.DONE:
             result = f"acc {100 * (record.test_accuracy or 0):.2f}%"
-            if record.flags:
+            if record.diagnosis is not None and record.diagnosis.health.is_problem():
+                result += f" [{record.diagnosis.health.label}]"
+            elif record.flags:
                 result += " [" + ", ".join(f.value for f in record.flags) + "]"
         else:
             last = (record.error or "").strip().splitlines()[-1:] or [""]

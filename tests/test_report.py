@@ -31,7 +31,7 @@ def test_leaderboard_table_rows(store) -> None:
     beta = next(line for line in lines if line.startswith("| **2** | beta"))  # not separable from it
     assert "| 95.50 |" in beta and "| 2 | 1 |" in beta
     gamma = next(line for line in lines if "gamma" in line and line.startswith("| 3"))
-    assert "1 (1 diverged)" in gamma and "near chance" in gamma and "9.8" in gamma
+    assert "1 (1 diverged)" in gamma and "1 collapsed" in gamma and "9.8" in gamma
     assert any(line.startswith("| — | never_ran") for line in lines)
     assert "9 planned, 7 finished, 1 failed, 1 not run yet" in text
 

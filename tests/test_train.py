@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness import train
+from harness.health import Cause, Health
 from harness.records import RunFlag, RunStatus
 from harness.spec import load_sweep
 from harness.sweep import prepare_sweep
@@ -72,9 +73,12 @@ def test_nan_loss_is_diverged_and_chance_accuracy_is_flagged(tmp_path: Path, dat
     diverged = train.train_run(prepared.runs[0], prepared.dataset)
     assert diverged.status is RunStatus.DIVERGED
     assert "NaN" in diverged.error
+    assert diverged.diagnosis is not None and diverged.diagnosis.health is Health.DIVERGED
+    assert Cause.RAW_INPUTS in diverged.diagnosis.causes and Cause.LEARNING_RATE in diverged.diagnosis.causes
     frozen = train.train_run(prepared.runs[1], prepared.dataset)
     assert frozen.status is RunStatus.DONE
     assert RunFlag.NEAR_CHANCE in frozen.flags and frozen.test_accuracy < 0.15
+    assert frozen.diagnosis is not None and frozen.diagnosis.health is Health.COLLAPSED
 
 
 def test_exception_becomes_failed_record(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
