@@ -210,13 +210,27 @@ def report(sweep_name: str | None, store_path: Path, out: Path | None, fmt: str,
 @click.option("--sweep", "sweep_name", default=None, help="Sweep name (default: every sweep in the store).")
 @store_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default reports/NAME.csv.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write TensorBoard logs (per-epoch scalars, an HParams experiment) to this folder instead of CSV.")
 @_user_errors
-def export(sweep_name: str | None, store_path: Path, out: Path | None) -> None:
-    """Every run of a sweep as one CSV row, for pandas users."""
+def export(sweep_name: str | None, store_path: Path, out: Path | None, tensorboard_dir: Path | None) -> None:
+    """Every run of a sweep as one CSV row, for pandas users (or as TensorBoard logs)."""
     from harness.report import write_export
     from harness.store import SQLiteStore
 
     with SQLiteStore(store_path, create=False) as store:
+        if tensorboard_dir is not None:
+            from harness.tbexport import export_tensorboard
+
+            if out is not None:
+                raise UserError("give either --out (CSV) or --tensorboard DIR", key="--out")
+            names = _sweep_names(store, store_path, sweep_name, None)
+            if len(names) > 1:
+                raise UserError("--tensorboard needs --sweep when the store holds several sweeps", key="--tensorboard")
+            name = names[0]
+            path = export_tensorboard(store, name, out=tensorboard_dir)
+            click.echo(f"wrote {path} (open it with: tensorboard --logdir {path})")
+            return
         for name in _sweep_names(store, store_path, sweep_name, out):
             click.echo(f"wrote {write_export(store, name, out=out)}")
 
