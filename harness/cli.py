@@ -70,6 +70,9 @@ def cli() -> None:
 @click.option("--workers", type=int, default=None, help="CPU worker processes (default: one per core).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")
 @click.option("--in-process", is_flag=True, help="Train in this process, one run at a time (debugging).")
+@click.option("--keras-backend", type=click.Choice(["tensorflow", "jax", "torch", "auto"]), default=None,
+              help="Keras backend of every variant (default: the sweep's budget.keras_backend, else "
+                   "$KERAS_BACKEND, else tensorflow); auto: the fastest measured by `harness calibrate`.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and train nothing.")
 @_user_errors
 def sweep(
@@ -88,32 +91,44 @@ def sweep(
     workers: int | None,
     threads: int | None,
     in_process: bool,
+    keras_backend: str | None,
     dry_run: bool,
 ) -> None:
     """Train every variant x seed of SWEEP_FILE that the store does not hold yet."""
+    from harness.backends import use_backend_in_process
     from harness.devices import available_memory_gib, detect_gpus, parse_gpu_list, plan_workers
+    from harness.plan import BackendContext, sweep_backends
     from harness.spec import load_sweep, parse_subset
     from harness.store import SQLiteStore
     from harness.sweep import format_plan, pending_runs, prepare_sweep, run_sweep
 
     spec = load_sweep(sweep_file).with_overrides(
-        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None, only=only
+        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None, only=only,
+        keras_backend=keras_backend,
     )
     use_gpus = parse_gpu_list(gpus) if gpus is not None else None
     cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     detected = detect_gpus() if use_gpus != [] else []
+    on_gpu = bool(detected)
+    context = BackendContext(device_kind="gpu" if on_gpu else "cpu", calibration=_calibration(store_path, on_gpu))
+    backends = sweep_backends(spec, context)  # a missing backend is an error here, before anything starts
+    first_backend = max(backends, key=backends.__getitem__)
 
     def worker_slots(pending: int):
         return plan_workers(
             gpus=detected, pending=pending, cpu_count=cpu_count, use_gpus=use_gpus, runs_per_gpu=runs_per_gpu,
-            workers=workers, threads=threads, memory_gib=available_memory_gib(),
+            workers=workers, threads=threads, memory_gib=available_memory_gib(), backend=first_backend,
+            deterministic=spec.deterministic,
         )
+
+    if in_process and not dry_run:
+        use_backend_in_process(backends)  # KERAS_BACKEND before Keras is imported here
 
     if dry_run:
         if any(v.model.builder for v in spec.variants):
             click.echo("note: building the builder models to count their parameters (imports TensorFlow and runs "
                        "the builder code in this process)", err=True)
-        prepared = prepare_sweep(spec, data_dir=data_dir, build_builders=True)
+        prepared = prepare_sweep(spec, data_dir=data_dir, build_builders=True, backends=context)
         _note_shared(prepared)
         store = SQLiteStore(store_path, create=False) if store_path.exists() else None
         pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs
@@ -133,7 +148,7 @@ def sweep(
         pool = WorkerPool(worker_slots(len(spec.variants) * len(spec.seeds)), source=source, timeout_s=timeout_s)
         pool.start()
     try:
-        prepared = prepare_sweep(spec, data_dir=data_dir)
+        prepared = prepare_sweep(spec, data_dir=data_dir, backends=context)
         _note_shared(prepared)
         with SQLiteStore(store_path) as store:
             pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
@@ -154,6 +169,20 @@ def sweep(
     stored = {r.run_id: r for r in outcome.records}  # the last attempt of each run
     if any(r.status.value == "failed" for r in stored.values()):
         sys.exit(EXIT_RUNS_FAILED)
+
+
+def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
+    """`harness calibrate`'s per-backend step timings for this device kind, if the store has them."""
+    if not store_path.exists():
+        return None
+    from harness.backends import calibration_key
+    from harness.store import SQLiteStore
+
+    try:
+        with SQLiteStore(store_path, create=False) as store:
+            return store.get_meta(calibration_key("gpu" if on_gpu else "cpu"))
+    except Exception:  # noqa: BLE001 - an unreadable store is reported when the sweep opens it
+        return None
 
 
 def _note_shared(prepared) -> None:
@@ -179,7 +208,9 @@ def _sweep_in_store(store_path: Path, name: str) -> bool:
 def _describe_slots(slots, in_process: bool) -> str:
     if in_process:
         return "workers: none (training in this process)"
-    kinds = ", ".join(f"{s.name} ({s.device}, {s.threads} thread{'s' if s.threads > 1 else ''})" for s in slots)
+    kinds = ", ".join(
+        f"{s.name} ({s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}, {s.backend})" for s in slots
+    )
     return f"workers: {len(slots)}: {kinds}"
 
 

@@ -1,7 +1,8 @@
 """Devices and worker slots, decided without importing TensorFlow in the parent process.
 
 GPUs come from `nvidia-smi` (or `--gpus`); each worker process is pinned to one GPU with
-`CUDA_VISIBLE_DEVICES` and memory growth on, several per GPU with `--runs-per-gpu`. On CPU the
+`CUDA_VISIBLE_DEVICES` and its Keras backend's memory sharing, several per GPU with
+`--runs-per-gpu`. On CPU the
 cores are packed as several single-thread workers: on the 2-core machine two 1-thread processes
 did the same MLP work 1.6x faster than one 2-thread process.
 """
@@ -12,6 +13,7 @@ import dataclasses
 import subprocess
 from typing import Callable, Sequence
 
+from harness.backends import DEFAULT_BACKEND, worker_env
 from harness.errors import UserError
 
 WORKER_MEMORY_GIB = 2.0  # a TF worker with MNIST in memory stays well under this
@@ -32,9 +34,23 @@ class WorkerSlot:
     device: str  # "gpu:0" or "cpu"
     threads: int
     env: tuple[tuple[str, str], ...]
+    backend: str = DEFAULT_BACKEND  # the Keras backend its worker imports (KERAS_BACKEND in env)
+    runs_per_gpu: int = 1
+    deterministic: bool = False  # deterministic GPU ops asked for in the env
 
     def environ(self) -> dict[str, str]:
         return dict(self.env)
+
+    @property
+    def gpu(self) -> int | None:
+        return int(self.device.split(":", 1)[1]) if self.device.startswith("gpu:") else None
+
+    def for_backend(self, backend: str) -> "WorkerSlot":
+        """The same place (device, threads) for a worker of another Keras backend."""
+        env = worker_env(
+            backend, threads=self.threads, gpu=self.gpu, runs_per_gpu=self.runs_per_gpu, deterministic=self.deterministic
+        )
+        return dataclasses.replace(self, backend=backend, env=env)
 
 
 def parse_nvidia_smi(text: str) -> list[Gpu]:
@@ -89,17 +105,6 @@ def available_memory_gib() -> float | None:
     return None
 
 
-def _thread_env(threads: int) -> list[tuple[str, str]]:
-    value = str(threads)
-    return [
-        ("TF_NUM_INTRAOP_THREADS", value),
-        ("TF_NUM_INTEROP_THREADS", "1" if threads == 1 else "2"),
-        ("OMP_NUM_THREADS", value),
-        ("OPENBLAS_NUM_THREADS", value),
-        ("MKL_NUM_THREADS", value),
-    ]
-
-
 def plan_workers(
     *,
     gpus: Sequence[Gpu],
@@ -110,11 +115,17 @@ def plan_workers(
     workers: int | None = None,
     threads: int | None = None,
     memory_gib: float | None = None,
+    backend: str = DEFAULT_BACKEND,
+    deterministic: bool = False,
 ) -> list[WorkerSlot]:
     """Decide the worker processes for `pending` runs on this machine.
 
     - GPUs (all detected, or `use_gpus`): `runs_per_gpu` workers per GPU, each pinned with
-      CUDA_VISIBLE_DEVICES and memory growth on; host threads shared out among them.
+      CUDA_VISIBLE_DEVICES and its backend's memory sharing (TensorFlow memory growth; JAX no
+      preallocation and 0.9 / runs_per_gpu of the memory; PyTorch the same fraction); host
+      threads shared out among them.
+    - Every slot's environment is `backends.worker_env(backend, ...)`: KERAS_BACKEND and the
+      backend's thread settings (`WorkerSlot.for_backend` gives the same slot for another one).
     - CPU: `workers` x `threads` (default: one single-thread worker per core, no more workers than
       pending runs, spare cores given to the workers as threads, capped by memory).
     """
@@ -145,13 +156,17 @@ def plan_workers(
             for gpu in chosen:
                 if len(slots) >= total:
                     break
-                env = [("CUDA_VISIBLE_DEVICES", str(gpu.index)), ("TF_FORCE_GPU_ALLOW_GROWTH", "true")]
-                slots.append(WorkerSlot(f"gpu{gpu.index}.{k}", f"gpu:{gpu.index}", per_thread, tuple(env + _thread_env(per_thread))))
+                env = worker_env(
+                    backend, threads=per_thread, gpu=gpu.index, runs_per_gpu=runs_per_gpu, deterministic=deterministic
+                )
+                slots.append(
+                    WorkerSlot(f"gpu{gpu.index}.{k}", f"gpu:{gpu.index}", per_thread, env, backend, runs_per_gpu, deterministic)
+                )
         return slots
 
     count = workers or min(cpu_count, pending)
     if workers is None and memory_gib is not None:
         count = max(1, min(count, int(memory_gib // WORKER_MEMORY_GIB)))
     per_thread = threads or max(1, cpu_count // count)
-    env = [("CUDA_VISIBLE_DEVICES", "")] + _thread_env(per_thread)  # keep CPU workers off any GPU
-    return [WorkerSlot(f"cpu.{i}", "cpu", per_thread, tuple(env)) for i in range(count)]
+    env = worker_env(backend, threads=per_thread, deterministic=deterministic)  # CUDA_VISIBLE_DEVICES="" too
+    return [WorkerSlot(f"cpu.{i}", "cpu", per_thread, env, backend, 1, deterministic) for i in range(count)]

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from harness.architecture import ModelSummary, summarize_model
+from harness.backends import BackendChoice, choose_backend, installed_backends, model_kind, require_installed
 from harness.data import Dataset
 from harness.errors import SpecError
 from harness.health import diagnose_record
@@ -14,7 +15,9 @@ from harness.spec import SweepSpec, Variant, content_hash
 
 # Bump when the meaning of a run changes (how data is split, how training is seeded...), so that
 # stored results of the old protocol are never mistaken for the new one.
-TRAIN_PROTOCOL = 1
+# 2: the Keras backend and its version joined the identity; steps_per_execution > 1 and larger
+#    evaluation batches (same updates, evaluation sums in another order).
+TRAIN_PROTOCOL = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +29,20 @@ class PlannedRun:
     deterministic: bool
     dataset: dict  # Dataset.describe(): name, fingerprint, sizes, subset
     summary: ModelSummary
+    backend: BackendChoice = BackendChoice("tensorflow", "", "tensorflow")
 
     @property
     def budget(self) -> dict:
-        return {
+        budget = {
             "epochs": self.variant.epochs,
             "batch_size": self.variant.batch_size,
             "validation_split": self.variant.validation_split,
             "deterministic": self.deterministic,
+            "keras_backend": self.backend.backend,
         }
+        if self.backend.reason:
+            budget["keras_backend_auto"] = self.backend.reason
+        return budget
 
     def record(self, status: RunStatus, **fields: Any) -> RunRecord:
         """A `RunRecord` of this run: identity, config, budget and data filled in from the plan;
@@ -61,14 +69,18 @@ class PlannedRun:
         return self.summary.train_flops(examples=n_fit, epochs=self.variant.epochs)
 
 
-def run_id_for(variant: Variant, *, seed: int, data_fingerprint: str, deterministic: bool) -> str:
-    """The run's identity is its content: variant content + seed + data + budget + protocol."""
+def run_id_for(
+    variant: Variant, *, seed: int, data_fingerprint: str, deterministic: bool, backend: BackendChoice
+) -> str:
+    """The run's identity is its content: variant content + seed + data + budget + the Keras
+    backend and its version + protocol."""
     return content_hash(
         {
             "variant": variant.content(),
             "seed": seed,
             "data": data_fingerprint,
             "deterministic": deterministic,
+            "keras_backend": [backend.backend, backend.version],
             "protocol": TRAIN_PROTOCOL,
         }
     )[:20]
@@ -88,16 +100,59 @@ def summarize_variant(variant: Variant, dataset: Dataset, *, source: str, build_
         raise SpecError(f"{exc} (variant '{variant.name}', images {dataset.image_shape})", file=source, key="conv") from None
 
 
-def build_plan(spec: SweepSpec, dataset: Dataset, *, build_builders: bool = False) -> list[PlannedRun]:
+@dataclasses.dataclass(frozen=True)
+class BackendContext:
+    """What `auto` decides on: the device kind the sweep trains on, the installed backends and
+    `harness calibrate`'s per-backend step timings for that device kind (None: not calibrated)."""
+
+    device_kind: str = "cpu"
+    installed: tuple[str, ...] | None = None  # None: look them up (importlib.metadata)
+    calibration: dict | None = None
+
+
+def resolve_backend(variant: Variant, context: BackendContext, *, file: str | None = None) -> BackendChoice:
+    """The concrete backend of a variant's runs; `BackendNotInstalled` (a `UserError` naming the
+    extra to install) when it asks for one that is missing."""
+    installed = context.installed if context.installed is not None else installed_backends()
+    backend, reason = choose_backend(
+        variant.keras_backend,
+        kind=model_kind(variant.model),
+        device_kind=context.device_kind,
+        installed=installed,
+        calibration=context.calibration,
+    )
+    version = require_installed(backend, file=file)
+    return BackendChoice(backend=backend, version=version, requested=variant.keras_backend, reason=reason)
+
+
+def sweep_backends(spec: SweepSpec, context: BackendContext) -> dict[str, int]:
+    """Runs per concrete Keras backend of a sweep (before its data is loaded): which workers to
+    start. Raises `BackendNotInstalled` for a backend that is missing."""
+    counts: dict[str, int] = {}
+    for variant in spec.variants:
+        backend = resolve_backend(variant, context, file=spec.source).backend
+        counts[backend] = counts.get(backend, 0) + len(spec.seeds)
+    return counts
+
+
+def build_plan(
+    spec: SweepSpec, dataset: Dataset, *, build_builders: bool = False, backends: BackendContext | None = None
+) -> list[PlannedRun]:
     described = dataset.describe()
+    context = backends or BackendContext()
     runs = []
     for variant in spec.variants:
         summary = summarize_variant(variant, dataset, source=spec.source, build_builders=build_builders)
+        backend = resolve_backend(variant, context, file=spec.source)
         for seed in spec.seeds:
             runs.append(
                 PlannedRun(
                     run_id=run_id_for(
-                        variant, seed=seed, data_fingerprint=dataset.fingerprint, deterministic=spec.deterministic
+                        variant,
+                        seed=seed,
+                        data_fingerprint=dataset.fingerprint,
+                        deterministic=spec.deterministic,
+                        backend=backend,
                     ),
                     sweep=spec.name,
                     variant=variant,
@@ -105,6 +160,7 @@ def build_plan(spec: SweepSpec, dataset: Dataset, *, build_builders: bool = Fals
                     deterministic=spec.deterministic,
                     dataset=described,
                     summary=summary,
+                    backend=backend,
                 )
             )
     return runs

@@ -97,6 +97,21 @@ def worker_main(
         conn.send(("result", record.to_json()))
 
 
+def _backend_of(run: PlannedRun) -> str:
+    backend = getattr(run, "backend", None)
+    return backend.backend if backend is not None else "tensorflow"
+
+
+def _pop_for(queue: collections.deque, backend: str) -> PlannedRun | None:
+    """The first queued run of `backend` (removed from the queue), or None."""
+    for i, run in enumerate(queue):
+        if _backend_of(run) == backend:
+            del queue[i]
+            return run
+    return None
+
+
+
 def failed_record(run: PlannedRun, error: str, *, wall_s: float = 0.0, device: str = "") -> RunRecord:
     return run.record(RunStatus.FAILED, timings={"wall_s": wall_s}, device=device, error=error, finished_at=utcnow())
 
@@ -197,6 +212,23 @@ class WorkerPool:
         index = self._workers.index(worker)
         self._workers[index] = self._start(worker.slot)
 
+    def _switch_idle_backends(self, queue: Iterable[PlannedRun]) -> None:
+        """Routing by Keras backend: a run only goes to a worker of its backend (a process runs Keras
+        on one backend). An idle worker whose backend has no queued run is replaced by a worker of
+        the backend with the most queued runs per worker."""
+        queued = collections.Counter(_backend_of(run) for run in queue)
+        if not queued:
+            return
+        for worker in list(self._workers):
+            if not (worker.ready and worker.run is None) or queued.get(worker.slot.backend):
+                continue
+            serving = collections.Counter(w.slot.backend for w in self._workers)
+            backend = max(queued, key=lambda b: queued[b] / (1 + serving.get(b, 0)))
+            if queued[backend] <= serving.get(backend, 0):
+                return  # enough workers of that backend already
+            self._kill(worker)
+            self._workers[self._workers.index(worker)] = self._start(worker.slot.for_backend(backend))
+
     @staticmethod
     def _kill(worker: _Worker) -> None:
         if worker.process.is_alive():
@@ -269,11 +301,10 @@ class WorkerPool:
                     queue.extend(waiting)
                     waiting.clear()
                     next_look = now + min(1.0, self.lease_s / 10)
-                for worker in self._workers:
+                for worker in list(self._workers):
                     if not (worker.ready and worker.run is None):
                         continue
-                    while queue:
-                        run = queue.popleft()
+                    while (run := _pop_for(queue, worker.slot.backend)) is not None:
                         claim = store.claim(run.run_id, owner=self.owner, lease_s=self.lease_s)
                         if claim is Claim.FINISHED:
                             self.stats.skipped_finished_elsewhere += 1
@@ -288,6 +319,7 @@ class WorkerPool:
                         if on_start:
                             on_start(run, worker.slot)
                         break
+                self._switch_idle_backends(queue)
                 busy = [w for w in self._workers if w.run is not None]
                 if not busy and not queue and not waiting:
                     break

@@ -35,6 +35,7 @@ BUILTIN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 Activation = Literal["relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "linear"]
 DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+KerasBackend = Literal["tensorflow", "jax", "torch", "auto"]  # harness.backends.BACKEND_CHOICES
 
 
 class _Strict(BaseModel):
@@ -146,6 +147,7 @@ class TrainBudget(_Strict):
     epochs: PositiveInt | None = None
     batch_size: PositiveInt | None = None
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    keras_backend: KerasBackend | None = None
 
 
 class Budget(_Strict):
@@ -153,7 +155,8 @@ class Budget(_Strict):
     batch_size: PositiveInt = 32
     seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    deterministic: bool = False  # tf op determinism: slower, bit-reproducible on one machine
+    deterministic: bool = False  # op determinism: slower, bit-reproducible on one machine
+    keras_backend: KerasBackend | None = None  # None: $KERAS_BACKEND, else tensorflow (as Keras does)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -246,9 +249,11 @@ class Variant:
     base: str = ""  # the variant entry it came from (differs from name under a grid)
     grid_point: tuple[tuple[str, Any], ...] = ()
     code_root: str | None = None  # a builder model: the folder its module is imported from (not identity)
+    keras_backend: str = "tensorflow"  # as asked: tensorflow | jax | torch | auto (resolved per run)
 
     def content(self) -> dict[str, Any]:
-        """Canonical content: what the variant trains, independent of its name."""
+        """Canonical content: what the variant trains, independent of its name and of the Keras
+        backend (variants that differ only by backend share a variant id; their runs differ)."""
         return {
             "model": self.model.model_dump(mode="json"),
             "train": {
@@ -282,8 +287,9 @@ class SweepSpec:
         epochs: int | None = None,
         subset: Subset | None = None,
         only: Sequence[str] = (),
+        keras_backend: str | None = None,
     ) -> "SweepSpec":
-        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`, `--only PATTERN`)."""
+        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`, `--only PATTERN`, `--keras-backend`)."""
         spec = self
         if only:
             kept = tuple(v for v in spec.variants if any(fnmatch.fnmatchcase(v.name, p) for p in only))
@@ -305,6 +311,15 @@ class SweepSpec:
             spec = dataclasses.replace(spec, variants=variants)
         if subset is not None:
             spec = dataclasses.replace(spec, subset=subset)
+        if keras_backend is not None:
+            if keras_backend not in KerasBackend.__args__:
+                raise SpecError(
+                    f"unknown Keras backend {keras_backend!r}; expected one of {', '.join(KerasBackend.__args__)}",
+                    file="--keras-backend",
+                    key="keras_backend",
+                )
+            variants = tuple(dataclasses.replace(v, keras_backend=keras_backend) for v in spec.variants)
+            spec = dataclasses.replace(spec, variants=variants)
         return spec
 
 
@@ -587,6 +602,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise SpecError(f"duplicate variant name '{name}'", file=file, key=f"variants[{i}].name")
 
     budget = sweep.budget
+    from harness.backends import default_backend
+
+    sweep_backend = budget.keras_backend or default_backend()
     grid_items = list(sweep.grid.items())
     for key, values in grid_items:
         if not values:
@@ -606,6 +624,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
                 if entry.budget.validation_split is not None
                 else budget.validation_split
             ),
+            "keras_backend": entry.budget.keras_backend or sweep_backend,
         }
         prefix = f"variants[{i}].model"
         resolved = _validate(ModelConfig, base_model, file=file, prefix=prefix).model_dump(mode="json")
@@ -662,19 +681,20 @@ def load_sweep(path: str | Path) -> SweepSpec:
                     reference=tuple(entry.reference) if not point else (),
                     base=entry.name,
                     grid_point=point,
+                    keras_backend=train.keras_backend or sweep_backend,
                 )
             )
 
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for variant in variants:
-        other = seen.get(variant.variant_id)
+        other = seen.get((variant.variant_id, variant.keras_backend))
         if other is not None:
             raise SpecError(
                 f"variants '{other}' and '{variant.name}' train exactly the same model and budget",
                 file=file,
                 key="variants",
             )
-        seen[variant.variant_id] = variant.name
+        seen[(variant.variant_id, variant.keras_backend)] = variant.name
 
     return SweepSpec(
         name=sweep.name,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from harness.data import Dataset, configured_data_dir, load_dataset
-from harness.plan import PlannedRun, build_plan
+from harness.plan import BackendContext, PlannedRun, build_plan
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
 from harness.store import ResultStore
@@ -45,15 +45,20 @@ class SweepOutcome:
 
 
 def prepare_sweep(
-    spec: SweepSpec, *, data_dir: str | Path | None = None, build_builders: bool = False
+    spec: SweepSpec,
+    *,
+    data_dir: str | Path | None = None,
+    build_builders: bool = False,
+    backends: BackendContext | None = None,
 ) -> PreparedSweep:
-    """Load the data (fingerprint) and plan every run. Raises `DataError`/`SpecError`; writes nothing.
+    """Load the data (fingerprint) and plan every run (its Keras backend resolved with `backends`).
+    Raises `DataError`/`SpecError`/`BackendNotInstalled`; writes nothing.
 
     `build_builders` builds builder models to count their parameters (imports TensorFlow and the
     user's code here: for dry runs)."""
     folder = configured_data_dir(data_dir)
     dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=folder)
-    runs = build_plan(spec, dataset, build_builders=build_builders)
+    runs = build_plan(spec, dataset, build_builders=build_builders, backends=backends)
     return PreparedSweep(spec=spec, dataset=dataset, runs=tuple(runs), data_dir=str(folder) if folder else None)
 
 
@@ -78,6 +83,8 @@ def sweep_info(prepared: PreparedSweep) -> dict:
                 "batch_size": run.variant.batch_size,
                 "validation_split": run.variant.validation_split,
                 "estimated_train_flops": run.estimated_train_flops,
+                "keras_backend": run.backend.backend,
+                "keras_backend_requested": run.backend.requested,
             }
         )
     return {

@@ -1,12 +1,12 @@
-"""Train one run. The only module that imports TensorFlow/Keras (inside its functions)."""
+"""Train one run, with Keras APIs only; what differs between backends is in `harness.backends`.
+
+The only module (with `backends`) that imports Keras and its backend, inside its functions.
+"""
 
 from __future__ import annotations
 
-import functools
-import gc
+import dataclasses
 import math
-import os
-import platform
 import time
 import traceback
 from typing import Any
@@ -19,22 +19,20 @@ from harness.records import RunFlag, RunRecord, RunStatus, utcnow
 from harness.spec import ModelConfig, Optimizer
 
 NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a collapse
+# steps_per_execution: run this many examples per host round trip (small batches were dispatch
+# bound: MLP 64-64 batch 32 trained 7x faster per epoch under TensorFlow with 32 steps per
+# execution, benchmarks/bench_backends.py); never more steps than an epoch has.
+EXAMPLES_PER_EXECUTION = 2048
+MAX_STEPS_PER_EXECUTION = 64
+EVAL_BATCH_SIZE = 2048  # evaluation has no updates: large batches, few round trips
 
 
 def warm_up() -> None:
-    """Import TensorFlow and Keras once, when a worker starts, and apply the worker's pinning:
-    its thread counts (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS) and GPU memory growth."""
-    import keras  # noqa: F401
-    import tensorflow as tf
+    """Import Keras and its backend once, when a worker starts, and apply the worker's settings
+    (threads, GPU memory sharing) through the backend's adapter."""
+    from harness.backends import adapter
 
-    intra = os.environ.get("TF_NUM_INTRAOP_THREADS")
-    inter = os.environ.get("TF_NUM_INTEROP_THREADS")
-    if intra:
-        tf.config.threading.set_intra_op_parallelism_threads(int(intra))
-    if inter:
-        tf.config.threading.set_inter_op_parallelism_threads(int(inter))
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+    adapter()
 
 
 def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int):
@@ -101,57 +99,96 @@ def make_optimizer(spec: Optimizer):
     return keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **kwargs)
 
 
-@functools.cache
 def library_versions() -> dict[str, str]:
-    import keras
-    import numpy
-    import tensorflow as tf
+    """harness, Python, NumPy, Keras, the Keras backend's name and its library's version."""
+    from harness.backends import adapter
 
-    return {
-        "harness": __version__,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-    }
+    return adapter().versions()
 
 
-@functools.cache
 def device_label() -> str:
     """The device this process trains on (fixed for a worker's life: its pinning env is set first)."""
-    import tensorflow as tf
+    from harness.backends import adapter
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        names = []
-        for gpu in gpus:
-            details = tf.config.experimental.get_device_details(gpu)
-            names.append(f"{gpu.name.replace('/physical_device:', '')} {details.get('device_name', '')}".strip())
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return ", ".join(names) + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
-    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-    return f"cpu {platform.machine()} ({threads} threads)"
+    return adapter().device_label()
 
 
-_PREPARED: dict[tuple, tuple] = {}
+@dataclasses.dataclass(frozen=True)
+class PreparedInputs:
+    """A run's arrays, scaled and shaped once per worker and kept for its next runs (as the
+    backend's adapter wants them fed; read-only)."""
+
+    x_fit: Any
+    y_fit: Any
+    x_val: Any | None
+    y_val: Any | None
+    x_test: Any
+    y_test: Any
+
+    @property
+    def validation(self) -> tuple[Any, Any] | None:
+        return None if self.x_val is None else (self.x_val, self.y_val)
+
+    @property
+    def n_fit(self) -> int:
+        return len(self.x_fit)
 
 
-def _prepared_arrays(dataset: Dataset, preprocess: str, images: bool, loss: str) -> tuple:
-    """Scaled inputs and targets, kept for the next run of a long-lived worker (read-only arrays)."""
-    key = (dataset.fingerprint, preprocess, images, loss)
+_PREPARED: dict[tuple, PreparedInputs] = {}
+
+
+def prepared_inputs(
+    dataset: Dataset, *, preprocess: str, images: bool, loss: str, validation_split: float
+) -> PreparedInputs:
+    """Scaled inputs (`images`: N,H,W,C; else flat) and targets for `loss` of `dataset`, the last
+    `validation_split` of the training arrays held out (Keras' own convention). Cached for the
+    worker's next runs."""
+    from harness.backends import adapter
+
+    key = (dataset.fingerprint, preprocess, images, loss, validation_split)
     if key not in _PREPARED:
         if len(_PREPARED) >= 2:
             _PREPARED.pop(next(iter(_PREPARED)))
-        arrays = (
-            prepare_inputs(dataset.x_train, preprocess=preprocess, images=images),
-            prepare_targets(dataset.y_train, loss=loss, num_classes=dataset.num_classes),
-            prepare_inputs(dataset.x_test, preprocess=preprocess, images=images),
-            prepare_targets(dataset.y_test, loss=loss, num_classes=dataset.num_classes),
-        )
+        x_all = prepare_inputs(dataset.x_train, preprocess=preprocess, images=images)
+        y_all = prepare_targets(dataset.y_train, loss=loss, num_classes=dataset.num_classes)
+        x_test = prepare_inputs(dataset.x_test, preprocess=preprocess, images=images)
+        y_test = prepare_targets(dataset.y_test, loss=loss, num_classes=dataset.num_classes)
+        n_val = int(round(len(x_all) * validation_split))
+        n_fit = len(x_all) - n_val
+        arrays = [x_all[:n_fit], y_all[:n_fit], x_all[n_fit:] if n_val else None, y_all[n_fit:] if n_val else None, x_test, y_test]
+        to_device = adapter().to_device
         for array in arrays:
-            array.setflags(write=False)
-        _PREPARED[key] = arrays
+            if array is not None:
+                array.setflags(write=False)
+        _PREPARED[key] = PreparedInputs(*(None if a is None else to_device(a) for a in arrays))
     return _PREPARED[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    steps_per_execution: int
+    eval_batch_size: int
+
+
+def fit_options(*, batch_size: int, n_fit: int) -> FitOptions:
+    """How a run is driven: `steps_per_execution` so that each host round trip trains about
+    `EXAMPLES_PER_EXECUTION` examples (at most an epoch's steps), and large evaluation batches.
+    Neither changes the updates: the same batches in the same order."""
+    steps_per_epoch = max(1, math.ceil(n_fit / batch_size))
+    spe = max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size))
+    return FitOptions(steps_per_execution=spe, eval_batch_size=max(batch_size, EVAL_BATCH_SIZE))
+
+
+def check_backend(run: PlannedRun) -> None:
+    """A run planned for one Keras backend never trains on another (Keras cannot switch in a process)."""
+    import keras
+
+    loaded = keras.backend.backend()
+    if loaded != run.backend.backend:
+        raise RuntimeError(
+            f"this run is planned for Keras backend '{run.backend.backend}' but this process runs Keras on "
+            f"'{loaded}' (KERAS_BACKEND is read once, when Keras is first imported)"
+        )
 
 
 def _floats(values) -> list[float]:
@@ -166,13 +203,16 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
     device = ""
     try:
         import keras
-        import tensorflow as tf
 
-        versions = dict(library_versions())
-        device = device_label()
-        keras.utils.set_random_seed(run.seed)
+        from harness.backends import adapter
+
+        backend = adapter()
+        check_backend(run)
+        versions = backend.versions()
+        device = backend.device_label()
+        backend.seed(run.seed)
         if run.deterministic:
-            tf.config.experimental.enable_op_determinism()
+            backend.enable_determinism()
 
         config = run.variant.model
         own_model = None  # a builder model (harness/builders.py), built before its data is shaped
@@ -185,13 +225,10 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             images, loss_kind = config.inputs == "images", target_loss(own_model, config.loss)
         else:
             images, loss_kind = uses_images(config), config.loss
-        x_all, y_all, x_test, y_test = _prepared_arrays(dataset, config.preprocess, images, loss_kind)
-        n_val = int(round(len(x_all) * run.variant.validation_split))
-        if n_val:
-            x_fit, y_fit = x_all[:-n_val], y_all[:-n_val]
-            validation = (x_all[-n_val:], y_all[-n_val:])
-        else:
-            x_fit, y_fit, validation = x_all, y_all, None
+        inputs = prepared_inputs(
+            dataset, preprocess=config.preprocess, images=images, loss=loss_kind, validation_split=run.variant.validation_split
+        )
+        options = fit_options(batch_size=run.variant.batch_size, n_fit=inputs.n_fit)
 
         model = own_model or build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
         compiled_by_user = own_model is not None and bool(getattr(own_model, "compiled", False))
@@ -201,14 +238,20 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
                 if config.loss == "sparse_categorical_crossentropy"
                 else keras.metrics.CategoricalAccuracy(name="accuracy")
             )
-            model.compile(optimizer=make_optimizer(config.optimizer), loss=config.loss, metrics=[accuracy])
+            model.compile(
+                optimizer=make_optimizer(config.optimizer),
+                loss=config.loss,
+                metrics=[accuracy],
+                steps_per_execution=options.steps_per_execution,
+            )
         built = time.perf_counter()
         fit = model.fit(
-            x_fit,
-            y_fit,
+            inputs.x_fit,
+            inputs.y_fit,
             epochs=run.variant.epochs,
             batch_size=run.variant.batch_size,
-            validation_data=validation,
+            validation_data=inputs.validation,
+            validation_batch_size=options.eval_batch_size,
             shuffle=True,
             verbose=0,
             callbacks=[keras.callbacks.TerminateOnNaN()],
@@ -218,11 +261,13 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             from harness.builders import evaluate_compiled, normalized_history
 
             test_loss, test_accuracy = evaluate_compiled(
-                model, x_test, y_test, dataset.y_test, batch_size=max(run.variant.batch_size, 256)
+                model, inputs.x_test, inputs.y_test, dataset.y_test, batch_size=options.eval_batch_size
             )
             fit_history = normalized_history(fit.history)
         else:
-            test_loss, test_accuracy = model.evaluate(x_test, y_test, batch_size=max(run.variant.batch_size, 256), verbose=0)
+            test_loss, test_accuracy = model.evaluate(
+                inputs.x_test, inputs.y_test, batch_size=options.eval_batch_size, verbose=0
+            )
             fit_history = fit.history
         finished = time.perf_counter()
 
@@ -242,7 +287,8 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             "epochs_ran": epochs_ran,
             "estimated_train_flops": flops,
             "train_flops_per_s": flops / train_s if train_s > 0 else None,
-            "examples_per_s": len(x_fit) * epochs_ran / train_s if train_s > 0 else None,
+            "examples_per_s": inputs.n_fit * epochs_ran / train_s if train_s > 0 else None,
+            "steps_per_execution": options.steps_per_execution,
         }
         for key in ("accuracy", "val_accuracy", "loss", "val_loss"):
             if history.get(key):
@@ -277,55 +323,19 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
 
 
 def release_memory() -> None:
-    """Drop the Keras graph between runs of a long-lived worker.
-
-    On GPU, Keras' full clear (a gc pass and freeing device memory) so the next run gets the
-    memory back. On CPU the full pass costs about 0.2 s a run for nothing a young-generation
-    collection does not already reclaim (Python's own collector still runs the older ones).
-    """
+    """Drop the Keras state of the last run of a long-lived worker (the backend's adapter: on a
+    GPU a full clear that gives the memory back, on CPU a cheap one)."""
     try:
-        import keras
-        import tensorflow as tf
+        from harness.backends import adapter
 
-        if tf.config.list_logical_devices("GPU"):
-            keras.backend.clear_session(free_memory=True)
-            return
-        keras.backend.clear_session(free_memory=False)
+        adapter().release()
     except Exception:  # noqa: BLE001 - best effort
         pass
-    gc.collect(1)
 
 
 def measure_peak_flops(*, size: int | None = None, repeats: int = 10) -> dict[str, Any]:
-    """Time a large float32 matmul on this process's device: the peak that MFU is measured against.
+    """Time a large float32 matmul on this process's device with its Keras backend: the peak
+    that MFU is measured against (on CPU all the threads the backend is given, on GPU the first)."""
+    from harness.backends import adapter
 
-    On CPU this uses all the threads TensorFlow is given (the whole machine by default); on GPU,
-    the first visible GPU.
-    """
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    size = size or (8192 if gpus else 2048)
-    a = tf.random.normal((size, size), dtype=tf.float32)
-    b = tf.random.normal((size, size), dtype=tf.float32)
-
-    @tf.function
-    def step(x, y):
-        return tf.reduce_sum(tf.linalg.matmul(x, y))
-
-    step(a, b).numpy()  # trace and warm up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(a, b).numpy()
-        best = min(best, time.perf_counter() - start)
-    return {
-        "flops_per_s": 2.0 * size**3 / best,
-        "kind": "gpu" if gpus else "cpu",
-        "device": device_label(),
-        "size": size,
-        "dtype": "float32",
-        "seconds": best,
-        "measured_at": utcnow(),
-        "versions": library_versions(),
-    }
+    return adapter().peak_flops(size=size, repeats=repeats)

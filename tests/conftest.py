@@ -65,3 +65,48 @@ variants:
 
 def tiny_sweep_text(*, name: str = "tiny", train: int = 2000, test: int = 500, seeds: int = 2) -> str:
     return TINY_SWEEP.format(name=name, train=train, test=test, seeds=seeds)
+
+
+# --------------------------------------------------------------------------- Keras backends
+
+def backend_params() -> list:
+    """Every Keras backend, skipped with the reason where it is not installed (TensorFlow and JAX
+    in CI; PyTorch where installed)."""
+    from harness.backends import BACKENDS, EXTRAS, backend_version
+
+    return [
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(
+                backend_version(name) is None, reason=f'{name} not installed (pip install -e ".[{EXTRAS[name]}]")'
+            ),
+            id=name,
+        )
+        for name in BACKENDS
+    ]
+
+
+@pytest.fixture(scope="session")
+def backend_trainers():
+    """Long-lived real training processes, one per Keras backend (KERAS_BACKEND set before Keras
+    is imported there, exactly as in a sweep worker); closed at the end of the session."""
+    from backend_worker import BackendTrainer
+
+    trainers: dict[str, BackendTrainer] = {}
+    yield trainers
+    for trainer in trainers.values():
+        trainer.close()
+
+
+@pytest.fixture()
+def train_on(backend_trainers):
+    """`train_on(backend, run, prepared)` -> RunRecord, trained in a real process of that backend."""
+
+    def train(backend: str, run, prepared):
+        from backend_worker import BackendTrainer
+
+        if backend not in backend_trainers:
+            backend_trainers[backend] = BackendTrainer(backend)
+        return backend_trainers[backend].train(run, prepared)
+
+    return train

@@ -19,7 +19,9 @@ LOG_ENV = "HARNESS_FAKE_LOG"  # file each call appends a JSON line to
 def _log(run, **extra) -> None:
     path = os.environ.get(LOG_ENV)
     if path:
-        line = json.dumps({"run_id": run.run_id, "seed": run.seed, "pid": os.getpid(), **extra}) + "\n"
+        line = json.dumps(
+            {"run_id": run.run_id, "seed": run.seed, "pid": os.getpid(), "keras_backend": os.environ.get("KERAS_BACKEND"), **extra}
+        ) + "\n"
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line)
 

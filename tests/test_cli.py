@@ -158,7 +158,10 @@ def test_worker_options_shape_the_plan(tmp_path: Path, data_dir: Path) -> None:
     result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--dry-run",
                     "--workers", "3", "--threads", "2", "--gpus", "none")
     assert result.exit_code == 0, result.stderr
-    assert "workers: 3: cpu.0 (cpu, 2 threads), cpu.1 (cpu, 2 threads), cpu.2 (cpu, 2 threads)" in result.output
+    assert (
+        "workers: 3: cpu.0 (cpu, 2 threads, tensorflow), cpu.1 (cpu, 2 threads, tensorflow), "
+        "cpu.2 (cpu, 2 threads, tensorflow)" in result.output
+    )
     missing_gpu = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--gpus", "7")
     assert missing_gpu.exit_code == 2 and "GPU 7 not found" in missing_gpu.stderr
     assert not (tmp_path / "h.db").exists()
@@ -176,7 +179,8 @@ def test_in_process_sweep_with_retries_and_rerun_failed(tmp_path: Path, data_dir
 
 
 def test_validation_planning_and_reports_never_import_tensorflow(tmp_path: Path, data_dir: Path) -> None:
-    """The parent process, `--dry-run`, `report` and `regress` stay fast: no TensorFlow import."""
+    """The parent process, `--dry-run`, `report` and `regress` stay fast: no Keras backend imported
+    (TensorFlow, JAX, PyTorch), nor Keras itself, whatever backend the sweep asks for."""
     import subprocess
     import sys
 
@@ -186,9 +190,33 @@ import sys
 from click.testing import CliRunner
 from harness.cli import cli
 import harness.report, harness.plots, harness.regress, harness.scheduler, harness.sweep
-r = CliRunner().invoke(cli, ["sweep", {str(sweep)!r}, "--dry-run", "--data-dir", {str(data_dir)!r}, "--store", {str(tmp_path / 'h.db')!r}])
-assert r.exit_code == 0, r.output
-assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFlow was imported"
+for backend in ("tensorflow", "jax", "auto"):
+    r = CliRunner().invoke(cli, ["sweep", {str(sweep)!r}, "--dry-run", "--data-dir", {str(data_dir)!r},
+                                 "--store", {str(tmp_path / 'h.db')!r}, "--keras-backend", backend])
+    assert r.exit_code == 0, r.output
+    loaded = [m for m in ("tensorflow", "keras", "jax", "jaxlib", "torch") if m in sys.modules]
+    assert not loaded, f"{{loaded}} imported by the parent"
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_backend_not_installed_exits_2_before_anything_starts(tmp_path: Path, data_dir: Path) -> None:
+    from harness.backends import backend_version
+
+    if backend_version("torch") is not None:
+        pytest.skip("torch is installed here")
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD)
+    store = tmp_path / "h.db"
+    result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--keras-backend", "torch")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and 'pip install -e ".[torch]"' in line and "Keras backend 'torch' is not installed" in line
+    assert not store.exists()
+
+
+def test_in_process_runs_one_backend_only(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD + "grid:\n  budget.keras_backend: [tensorflow, jax]\n")
+    result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--in-process")
+    assert result.exit_code == 2 and "runs Keras on one backend only" in result.stderr
+    assert not (tmp_path / "h.db").exists()

@@ -267,3 +267,20 @@ def test_worker_that_cannot_start_is_a_clear_error(prepared, log: Path, tmp_path
             pool_for(prepared, "ok").run(prepared.runs, store)
         assert store.statuses(r.run_id for r in prepared.runs) == {} and store.claims() == {}
     assert calls(log) == []
+
+
+def test_runs_go_only_to_workers_of_their_keras_backend(tmp_path: Path, data_dir: Path, log: Path) -> None:
+    """A sweep over two backends on two TensorFlow workers: idle workers are restarted as JAX
+    workers for the JAX runs; every run trains in a process whose KERAS_BACKEND is its own."""
+    text = tiny_sweep_text(seeds=3, train=600, test=100) + "grid:\n  budget.keras_backend: [tensorflow, jax]\n"
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", text)), data_dir=data_dir)
+    planned = {r.run_id: r.backend.backend for r in prepared.runs}
+    assert set(planned.values()) == {"tensorflow", "jax"}
+    pool = pool_for(prepared, "ok")
+    with SQLiteStore(tmp_path / "h.db") as store:
+        records = pool.run(prepared.runs, store)
+    assert len(records) == len(prepared.runs) == 12
+    trained = calls(log)
+    assert sorted(c["run_id"] for c in trained) == sorted(planned)
+    assert all(c["keras_backend"] == planned[c["run_id"]] for c in trained)
+    assert pool.stats.worker_starts >= 3  # two TensorFlow workers, then at least one JAX worker

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import SpecError
+from harness.backends import BackendChoice
 from harness.plan import run_id_for
 from harness.spec import load_sweep, parse_subset
 
@@ -99,17 +100,25 @@ def test_variant_id_is_content_not_name(tmp_path: Path) -> None:
     assert one.variant_id != changed.variant_id
 
 
+TF = BackendChoice("tensorflow", "2.21.0", "tensorflow")
+
+
 def test_run_id_is_stable_and_keyed_by_content(tmp_path: Path) -> None:
     variant = load_text(tmp_path, BASE).variants[0]
-    run_id = run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=False)
+    run_id = run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=False, backend=TF)
     # Pinned: a change here silently orphans every stored result, so it must be deliberate.
-    assert run_id == "0fd03d536a6b70a32bee"
+    assert run_id == "ab44acd228b9339cae80"
     assert variant.variant_id == "3f0783da8899"
-    assert run_id_for(variant, seed=1, data_fingerprint="abc", deterministic=False) != run_id
-    assert run_id_for(variant, seed=0, data_fingerprint="abd", deterministic=False) != run_id
-    assert run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=True) != run_id
+    assert run_id_for(variant, seed=1, data_fingerprint="abc", deterministic=False, backend=TF) != run_id
+    assert run_id_for(variant, seed=0, data_fingerprint="abd", deterministic=False, backend=TF) != run_id
+    assert run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=True, backend=TF) != run_id
     longer = load_text(tmp_path, BASE.replace("epochs: 1", "epochs: 2")).variants[0]
-    assert run_id_for(longer, seed=0, data_fingerprint="abc", deterministic=False) != run_id
+    assert run_id_for(longer, seed=0, data_fingerprint="abc", deterministic=False, backend=TF) != run_id
+    # The Keras backend and its version are part of the identity; the variant id is not.
+    jax = BackendChoice("jax", "0.10.2", "jax")
+    assert run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=False, backend=jax) != run_id
+    newer = BackendChoice("tensorflow", "2.22.0", "tensorflow")
+    assert run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=False, backend=newer) != run_id
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -232,3 +241,23 @@ def test_only_keeps_matching_variants(tmp_path: Path) -> None:
     assert len(spec.with_overrides(only=["a*", "*0.5]"]).variants) == 3
     with pytest.raises(SpecError, match="no variant of sweep 't' matches 'zzz'"):
         spec.with_overrides(only=["zzz"])
+
+
+def test_keras_backend_in_budget_variant_grid_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert {v.keras_backend for v in load_text(tmp_path, BASE).variants} == {"tensorflow"}
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # as Keras: the environment decides when the sweep does not
+    assert {v.keras_backend for v in load_text(tmp_path, BASE).variants} == {"jax"}
+    text = BASE.replace("seeds: 2}", "seeds: 2, keras_backend: auto}")
+    assert {v.keras_backend for v in load_text(tmp_path, text).variants} == {"auto"}
+    per_variant = load_text(tmp_path, text.replace("  - name: a\n", "  - name: a\n    budget: {keras_backend: jax}\n"))
+    assert per_variant.variants[0].keras_backend == "jax"
+    grid = load_text(tmp_path, BASE + "grid:\n  budget.keras_backend: [tensorflow, jax]\n").variants
+    assert [v.keras_backend for v in grid] == ["tensorflow", "jax", "tensorflow", "jax"]
+    assert grid[0].name.endswith("[keras_backend=tensorflow]") and grid[0].variant_id == grid[1].variant_id
+    spec = load_text(tmp_path, BASE).with_overrides(keras_backend="torch")
+    assert {v.keras_backend for v in spec.variants} == {"torch"}
+    with pytest.raises(SpecError, match="unknown Keras backend 'mxnet'"):
+        load_text(tmp_path, BASE).with_overrides(keras_backend="mxnet")
+    with pytest.raises(SpecError, match="budget.keras_backend"):
+        load_text(tmp_path, BASE.replace("seeds: 2}", "seeds: 2, keras_backend: theano}"))

@@ -1,0 +1,52 @@
+"""A real training process per Keras backend for tests (the pytest process itself can run Keras on
+one backend only). Its environment is `harness.backends.worker_env`, as a sweep worker's."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+from harness.records import RunRecord
+
+
+def _serve(conn, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from harness import train
+    from harness.data import load_dataset
+
+    train.warm_up()
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        run, ref, subset, data_dir = message
+        dataset = load_dataset(ref, subset=subset, data_dir=data_dir)
+        conn.send(train.train_run(run, dataset).to_json())
+
+
+class BackendTrainer:
+    def __init__(self, backend: str, *, threads: int = 1) -> None:
+        from harness.backends import worker_env
+
+        env = dict(worker_env(backend, threads=threads))
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, env), daemon=True)
+        self.process.start()
+        child.close()
+
+    def train(self, run: Any, prepared: Any) -> RunRecord:
+        self.conn.send((run, prepared.spec.dataset, prepared.spec.subset, prepared.data_dir))
+        return RunRecord.from_json(self.conn.recv())
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)

@@ -1,0 +1,124 @@
+"""Keras backends on the parent side: versions without imports, worker environments (GPU ones
+simulated: no GPU here), `auto`, and the one-line error naming the extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import backends
+from harness.backends import BackendNotInstalled, choose_backend, worker_env
+from harness.devices import parse_nvidia_smi, plan_workers
+from harness.plan import BackendContext, sweep_backends
+from harness.spec import load_sweep
+
+from conftest import tiny_sweep_text, write_sweep
+
+TWO_GPUS = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559\n1, NVIDIA H100 80GB HBM3, 81559\n")
+
+
+def test_versions_come_from_metadata_without_importing_any_backend() -> None:
+    code = (
+        "import sys; from harness import backends\n"
+        "print({b: backends.backend_version(b) for b in backends.BACKENDS})\n"
+        "assert not {'tensorflow', 'jax', 'torch', 'keras'} & set(sys.modules), sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import importlib.metadata
+
+    assert backends.backend_version("tensorflow") in {importlib.metadata.version(d) for d in ("tensorflow", "tensorflow-cpu") if _has(d)}
+
+
+def _has(dist: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_cpu_worker_env_per_backend() -> None:
+    tf = dict(worker_env("tensorflow", threads=1))
+    assert tf["KERAS_BACKEND"] == "tensorflow" and tf["TF_NUM_INTRAOP_THREADS"] == "1" and tf["CUDA_VISIBLE_DEVICES"] == ""
+    jax = dict(worker_env("jax", threads=1))
+    assert jax["KERAS_BACKEND"] == "jax" and jax["JAX_PLATFORMS"] == "cpu"
+    assert "intra_op_parallelism_threads=1" in jax["XLA_FLAGS"] and "--xla_cpu_multi_thread_eigen=false" in jax["XLA_FLAGS"]
+    assert "TF_NUM_INTRAOP_THREADS" not in jax
+    torch = dict(worker_env("torch", threads=3))
+    assert torch["KERAS_BACKEND"] == "torch" and torch["HARNESS_TORCH_THREADS"] == "3" and torch["OMP_NUM_THREADS"] == "3"
+
+
+def test_gpu_workers_share_memory_per_backend_simulated() -> None:
+    """Several runs per GPU: JAX must not preallocate 75% per process; each takes its share."""
+    slots = plan_workers(gpus=TWO_GPUS, pending=100, cpu_count=16, runs_per_gpu=3, backend="jax")
+    assert len(slots) == 6 and {s.backend for s in slots} == {"jax"}
+    for slot in slots:
+        env = slot.environ()
+        assert env["KERAS_BACKEND"] == "jax" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+        assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(0.3)
+        assert "JAX_PLATFORMS" not in env and env["CUDA_VISIBLE_DEVICES"] in {"0", "1"}
+    tf = plan_workers(gpus=TWO_GPUS, pending=100, cpu_count=16, runs_per_gpu=2)
+    assert all(s.environ()["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" and s.backend == "tensorflow" for s in tf)
+    torch = plan_workers(gpus=TWO_GPUS, pending=100, cpu_count=16, runs_per_gpu=2, backend="torch")
+    assert all(float(s.environ()["HARNESS_TORCH_MEMORY_FRACTION"]) == pytest.approx(0.45) for s in torch)
+    # deterministic GPU ops need flags before the backend starts; XLA flags are merged, not replaced
+    det = plan_workers(gpus=TWO_GPUS, pending=1, cpu_count=16, backend="jax", deterministic=True)[0].environ()
+    assert "--xla_gpu_deterministic_ops=true" in det["XLA_FLAGS"] and "intra_op_parallelism_threads" in det["XLA_FLAGS"]
+
+
+def test_a_slot_moves_to_another_backend_in_place() -> None:
+    slot = plan_workers(gpus=TWO_GPUS, pending=4, cpu_count=8, runs_per_gpu=2)[1]
+    moved = slot.for_backend("jax")
+    assert (moved.name, moved.device, moved.threads, moved.gpu) == (slot.name, slot.device, slot.threads, 1)
+    assert moved.environ()["KERAS_BACKEND"] == "jax" and moved.environ()["CUDA_VISIBLE_DEVICES"] == "1"
+    assert moved.environ()["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+
+
+def test_auto_uses_the_measurement_then_the_documented_fallback() -> None:
+    calibration = {"steps": {"dense": {"tensorflow": 0.004, "jax": 0.001}, "conv": {"tensorflow": 0.02, "jax": 0.05}}}
+    both = ("tensorflow", "jax")
+    backend, reason = choose_backend("auto", kind="dense", device_kind="cpu", installed=both, calibration=calibration)
+    assert backend == "jax" and "fastest measured dense step on cpu" in reason and "jax 1.00 ms" in reason
+    assert choose_backend("auto", kind="conv", device_kind="cpu", installed=both, calibration=calibration)[0] == "tensorflow"
+    # a measured backend that is no longer installed is not chosen
+    assert choose_backend("auto", kind="dense", device_kind="cpu", installed=("tensorflow",), calibration=calibration)[0] == "tensorflow"
+    # without calibration: JAX for dense and TensorFlow for conv on CPU, JAX on GPU
+    assert choose_backend("auto", kind="dense", device_kind="cpu", installed=both)[0] == "jax"
+    backend, reason = choose_backend("auto", kind="conv", device_kind="cpu", installed=both)
+    assert backend == "tensorflow" and "no calibration" in reason
+    assert choose_backend("auto", kind="conv", device_kind="gpu", installed=("torch", "tensorflow"))[0] == "torch"
+    assert choose_backend("jax", kind="conv", device_kind="cpu", installed=()) == ("jax", "")
+    with pytest.raises(BackendNotInstalled, match="no Keras backend is installed"):
+        choose_backend("auto", kind="dense", device_kind="cpu", installed=())
+
+
+def test_missing_backend_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text().replace("validation_split: 0.1", "validation_split: 0.1\n  keras_backend: torch")))
+    context = BackendContext(installed=("tensorflow", "jax"))
+    if backends.backend_version("torch") is not None:
+        pytest.skip("torch is installed here")
+    with pytest.raises(BackendNotInstalled) as info:
+        sweep_backends(spec, context)
+    message = info.value.one_line()
+    assert "s.yaml" in message and "key 'budget.keras_backend'" in message
+    assert "Keras backend 'torch' is not installed" in message and 'pip install -e ".[torch]"' in message and "\n" not in message
+
+
+def test_sweep_backends_counts_runs_per_resolved_backend(tmp_path: Path) -> None:
+    text = tiny_sweep_text(seeds=3) + "grid:\n  budget.keras_backend: [tensorflow, auto]\n"
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", text))
+    counts = sweep_backends(spec, BackendContext(installed=("tensorflow", "jax")))
+    # mlp_32 x {tensorflow, auto->jax (dense)} and cnn_8 x {tensorflow, auto->tensorflow (conv)}, 3 seeds each
+    assert counts == {"tensorflow": 9, "jax": 3}
+
+
+def test_default_backend_follows_keras_backend_env() -> None:
+    assert backends.default_backend({}) == "tensorflow"
+    assert backends.default_backend({"KERAS_BACKEND": "jax"}) == "jax"
+    assert backends.default_backend({"KERAS_BACKEND": "mlx"}) == "tensorflow"
