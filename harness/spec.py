@@ -46,6 +46,15 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+# Keras' BatchNormalization defaults. The moving statistics used at inference are updated as
+# moving = momentum * moving + (1 - momentum) * batch, so after k steps their starting values still
+# weigh momentum**k: 0.99 needs ~460 steps to forget them (harness/health.py explains the symptom).
+BATCHNORM_MOMENTUM = 0.99
+BATCHNORM_EPSILON = 0.001
+BatchnormMomentum = Annotated[float, Field(ge=0.0, lt=1.0)]
+BatchnormEpsilon = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
 class ConvBlock(_Strict):
     """Conv layers with a shared setting, then optional pooling and dropout."""
 
@@ -54,6 +63,8 @@ class ConvBlock(_Strict):
     activation: Activation = "relu"
     padding: Literal["valid", "same"] = "valid"
     batchnorm: bool = False
+    batchnorm_momentum: BatchnormMomentum = BATCHNORM_MOMENTUM  # of each conv layer's batch norm
+    batchnorm_epsilon: BatchnormEpsilon = BATCHNORM_EPSILON
     pool: Literal["max", "avg", "none"] = "max"
     pool_size: PositiveInt = 2
     dropout: DropoutRate = 0.0
@@ -68,6 +79,8 @@ class DenseStack(_Strict):
     activation: Activation = "relu"
     dropout: DropoutRate | list[DropoutRate] = 0.0  # one rate for all, or one per layer
     batchnorm: bool = False
+    batchnorm_momentum: BatchnormMomentum = BATCHNORM_MOMENTUM
+    batchnorm_epsilon: BatchnormEpsilon = BATCHNORM_EPSILON
 
     _units_list = field_validator("units", mode="before")(_as_list)
 
@@ -238,6 +251,23 @@ class DatasetRef:
     code_root: str | None = None  # the folder the loader's module is imported from
 
 
+# Vocabulary keys added after run ids were first issued, with their defaults: a model leaves them
+# out of its identity while they hold the default, so every run stored before they existed keeps
+# its id (and is not trained again).
+LATER_KEYS_AT_DEFAULT = {"batchnorm_momentum": BATCHNORM_MOMENTUM, "batchnorm_epsilon": BATCHNORM_EPSILON}
+
+
+def identity_dump(model: ModelConfig) -> dict[str, Any]:
+    """The model's config as hashed into variant and run ids (see `LATER_KEYS_AT_DEFAULT`)."""
+    data = model.model_dump(mode="json")
+    sections = [*(data.get("conv") or []), *([data["dense"]] if isinstance(data.get("dense"), dict) else [])]
+    for section in sections:
+        for key, default in LATER_KEYS_AT_DEFAULT.items():
+            if key in section and section[key] == default:
+                del section[key]
+    return data
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
@@ -255,7 +285,7 @@ class Variant:
         """Canonical content: what the variant trains, independent of its name and of the Keras
         backend (variants that differ only by backend share a variant id; their runs differ)."""
         return {
-            "model": self.model.model_dump(mode="json"),
+            "model": identity_dump(self.model),
             "train": {
                 "epochs": self.epochs,
                 "batch_size": self.batch_size,

@@ -64,7 +64,10 @@ def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classe
                 )
             )
             if block.batchnorm:
-                stack += [layers.BatchNormalization(), layers.Activation(block.activation)]
+                stack += [
+                    layers.BatchNormalization(momentum=block.batchnorm_momentum, epsilon=block.batchnorm_epsilon),
+                    layers.Activation(block.activation),
+                ]
         if block.pool == "max":
             stack.append(layers.MaxPooling2D(block.pool_size))
         elif block.pool == "avg":
@@ -79,7 +82,10 @@ def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classe
             layers.Dense(units, activation=None if dense.batchnorm else dense.activation, kernel_regularizer=regularizer)
         )
         if dense.batchnorm:
-            stack += [layers.BatchNormalization(), layers.Activation(dense.activation)]
+            stack += [
+                layers.BatchNormalization(momentum=dense.batchnorm_momentum, epsilon=dense.batchnorm_epsilon),
+                layers.Activation(dense.activation),
+            ]
         if rate > 0:
             stack.append(layers.Dropout(rate))
     stack.append(layers.Dense(num_classes, activation=config.output_activation, kernel_regularizer=regularizer))

@@ -38,3 +38,19 @@ def test_shape_walk_agrees_with_keras(variant) -> None:
 
     model = build_model(variant.model, input_shape=(28, 28), num_classes=10)
     assert model.count_params() == summarize_model(variant.model, input_shape=(28, 28), num_classes=10).params
+
+
+def test_batchnorm_momentum_and_epsilon_reach_keras_and_change_no_count() -> None:
+    from harness.train import build_model
+
+    config = {
+        "conv": [{"filters": [4], "batchnorm": True, "batchnorm_momentum": 0.9, "batchnorm_epsilon": 1e-5}],
+        "dense": {"units": [8], "batchnorm": True, "batchnorm_momentum": 0.5},
+    }
+    model = ModelConfig.model_validate(config)
+    default = ModelConfig.model_validate({"conv": [{"filters": [4], "batchnorm": True}], "dense": {"units": [8], "batchnorm": True}})
+    norms = [layer for layer in build_model(model, input_shape=(28, 28), num_classes=10).layers
+             if type(layer).__name__ == "BatchNormalization"]
+    assert [(n.momentum, n.epsilon) for n in norms] == [(0.9, 1e-5), (0.5, 0.001)]
+    ours, keras_default = (summarize_model(m, input_shape=(28, 28), num_classes=10) for m in (model, default))
+    assert ours.params == keras_default.params and ours.forward_flops == keras_default.forward_flops

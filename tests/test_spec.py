@@ -261,3 +261,73 @@ def test_keras_backend_in_budget_variant_grid_and_cli(tmp_path: Path, monkeypatc
         load_text(tmp_path, BASE).with_overrides(keras_backend="mxnet")
     with pytest.raises(SpecError, match="budget.keras_backend"):
         load_text(tmp_path, BASE.replace("seeds: 2}", "seeds: 2, keras_backend: theano}"))
+
+
+BATCHNORM = """
+schema_version: 1
+name: bn
+dataset: mnist
+budget: {epochs: 1, batch_size: 32, seeds: 1}
+defaults:
+  conv:
+    - {filters: [8], batchnorm: true}
+  dense: {units: [16], batchnorm: true}
+variants:
+  - name: keras_default
+  - name: fast_stats
+    model:
+      conv:
+        - {filters: [8], batchnorm: true, batchnorm_momentum: 0.9, batchnorm_epsilon: 1.0e-5}
+      dense: {batchnorm_momentum: 0.9}
+"""
+
+
+def test_batchnorm_momentum_and_epsilon_in_the_vocabulary(tmp_path: Path) -> None:
+    default, fast = load_text(tmp_path, BATCHNORM).variants
+    assert default.model.conv[0].batchnorm_momentum == 0.99 and default.model.dense.batchnorm_epsilon == 0.001
+    assert fast.model.conv[0].batchnorm_momentum == 0.9 and fast.model.conv[0].batchnorm_epsilon == 1e-5
+    assert fast.model.dense.batchnorm_momentum == 0.9 and fast.model.dense.batchnorm_epsilon == 0.001
+    # a part of the run identity: the stored config and the content hash both carry it
+    assert fast.model.model_dump(mode="json")["dense"]["batchnorm_momentum"] == 0.9
+    assert fast.content()["model"]["conv"][0]["batchnorm_momentum"] == 0.9
+    assert fast.variant_id != default.variant_id
+
+
+def test_batchnorm_defaults_keep_the_run_ids_issued_before_them(tmp_path: Path) -> None:
+    default = load_text(tmp_path, BATCHNORM).variants[0]
+    content = default.content()["model"]
+    assert "batchnorm_momentum" not in content["dense"] and "batchnorm_epsilon" not in content["conv"][0]
+    # spelled out at their defaults, the same identity as left out
+    spelled = BATCHNORM.replace("{filters: [8], batchnorm: true}\n  dense: {units: [16], batchnorm: true}",
+                                "{filters: [8], batchnorm: true, batchnorm_momentum: 0.99}\n"
+                                "  dense: {units: [16], batchnorm: true, batchnorm_epsilon: 0.001}")
+    assert spelled != BATCHNORM
+    assert load_text(tmp_path, spelled).variants[0].variant_id == default.variant_id
+    # variant ids of the shipped sweeps as issued before batch-norm momentum existed (stores keep them)
+    conv = {v.name: v.variant_id for v in load_sweep(SWEEPS / "conv_table.yaml").variants}
+    assert conv["4 conv w act dsn dr dsn dr dsn sgd (w batch normalization)"] == "5f71dfdd5187"
+    assert conv["2 conv layers w dropout"] == "e146126d2511"
+    notebooks = {v.name: v.variant_id for v in load_sweep(SWEEPS / "seed_notebooks.yaml").variants}
+    assert notebooks["seed000_256x4_sigmoid_raw"] == "4a7c9d754189"
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "shown"),
+    [
+        ("batchnorm_momentum: 1.0", "dense.batchnorm_momentum", "1.0"),
+        ("batchnorm_momentum: -0.1", "dense.batchnorm_momentum", "-0.1"),
+        ("batchnorm_epsilon: 0", "dense.batchnorm_epsilon", "0"),
+        ("batchnorm_epsilon: 2", "dense.batchnorm_epsilon", "2"),
+        ("batchnorm_momentum: fast", "dense.batchnorm_momentum", "fast"),
+        ("batchnorm_momentom: 0.9", "dense.batchnorm_momentom", "batchnorm_momentum"),
+    ],
+)
+def test_bad_batchnorm_settings_are_named(tmp_path: Path, setting: str, key: str, shown: str) -> None:
+    message = error_of(tmp_path, BATCHNORM.replace("dense: {batchnorm_momentum: 0.9}", f"dense: {{{setting}}}"))
+    assert f"variants[1].model.{key}" in message and shown in message, message
+
+
+def test_grid_over_batchnorm_momentum(tmp_path: Path) -> None:
+    spec = load_text(tmp_path, BATCHNORM + "grid:\n  model.dense.batchnorm_momentum: [0.5, 0.9, 0.99]\n")
+    assert len(spec.variants) == 6 and len({v.variant_id for v in spec.variants}) == 6
+    assert [v.model.dense.batchnorm_momentum for v in spec.variants[:3]] == [0.5, 0.9, 0.99]
