@@ -117,15 +117,19 @@ def _signature(tree: ast.Module, function: str) -> tuple[str, tuple[str, ...], t
     return found
 
 
-def locate_builder(ref: str, *, sweep_dir: str | Path | None) -> BuilderSource:
-    """Find and inspect a builder without importing it. Raise `BuilderError` (one line)."""
+def locate_builder(ref: str, *, sweep_dir: str | Path | None, extra_dirs: tuple[str | Path, ...] = ()) -> BuilderSource:
+    """Find and inspect a builder without importing it: the sweep file's folder first, then the
+    sweep's `python_path` folders, then `sys.path`. Raise `BuilderError` (one line)."""
     module, function = split_ref(ref)
-    roots = ([str(Path(sweep_dir).resolve())] if sweep_dir is not None else []) + [
+    first = [sweep_dir] if sweep_dir is not None else []
+    roots = [str(Path(p).resolve()) for p in [*first, *extra_dirs]] + [
         str(Path(p).resolve()) if p else str(Path.cwd()) for p in sys.path
     ]
     found = _find_module_file(module, list(dict.fromkeys(roots)))
     if found is None:
         where = f"the sweep file's folder ({sweep_dir}) or " if sweep_dir is not None else ""
+        if extra_dirs:
+            where += f"its python_path ({', '.join(map(str, extra_dirs))}) or "
         raise BuilderError(f"module '{module}' not found in {where}the Python path")
     file, root = found
     data = Path(file).read_bytes()

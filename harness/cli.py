@@ -185,6 +185,74 @@ def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
         return None
 
 
+@cli.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband"]), default="random", show_default=True,
+              help="KerasTuner's RandomSearch, BayesianOptimization or Hyperband.")
+@click.option("--max-trials", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Trials of the search in all (one execution each); a larger number continues an earlier search.")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Best trials to train over the sweep's seeds.")
+@click.option("--objective", default="val_accuracy", show_default=True, help="The tuner's objective (a Keras log name).")
+@click.option("--variant", "variant_name", default=None, help="The build(hp) variant to search (default: the only one).")
+@click.option("--seeds", type=int, default=None, help="Override the seed count of the re-training.")
+@click.option("--epochs", type=int, default=None, help="Override the epochs (search and re-training).")
+@click.option("--subset", default=None, metavar="TRAIN[:TEST]", help="Search and train on a stratified subset.")
+@store_option
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the data sets (default: $HARNESS_DATA_DIR).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The generated sweep file (default reports/NAME-tuned.yaml).")
+@click.option("--workers", type=int, default=None, help="CPU worker processes for the re-training.")
+@click.option("--threads", type=int, default=None, help="Threads per worker (and for the search).")
+@click.option("--in-process", is_flag=True, help="Re-train in this process (debugging).")
+@click.pass_context
+@_user_errors
+def tune(
+    ctx: click.Context,
+    sweep_file: Path,
+    tuner: str,
+    max_trials: int,
+    top: int,
+    objective: str,
+    variant_name: str | None,
+    seeds: int | None,
+    epochs: int | None,
+    subset: str | None,
+    store_path: Path,
+    data_dir: Path | None,
+    out: Path | None,
+    workers: int | None,
+    threads: int | None,
+    in_process: bool,
+) -> None:
+    """KerasTuner search of a build(hp) builder, then its top trials over the sweep's seeds."""
+    from harness.spec import load_sweep, parse_subset
+    from harness.sweep import prepare_sweep
+    from harness.tune import check_tuned_out, make_job, search_in_child, tunable_variant, tune_summary
+    from harness.tune import tuned_sweep_data, write_tuned_sweep
+
+    spec = load_sweep(sweep_file).with_overrides(
+        seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None
+    )
+    variant = tunable_variant(spec, variant_name)
+    out = out or Path("reports") / f"{spec.name}-tuned.yaml"
+    check_tuned_out(out)
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    job = make_job(
+        spec, variant, data_fingerprint=prepared.dataset.fingerprint, data_dir=prepared.data_dir, tuner=tuner,
+        max_trials=max_trials, objective=objective, state_root=store_path.parent / "tune", threads=threads,
+    )
+    click.echo(f"search: {tuner}, up to {max_trials} trials of '{variant.name}'; state in "
+               f"{job.directory}/{job.project_name} (a stopped search resumes)", err=True)
+    result = search_in_child(job)
+    click.echo(tune_summary(result, top=top))
+    path = write_tuned_sweep(tuned_sweep_data(spec, variant, result, top=top, tuner=tuner, out=out), out)
+    click.echo(f"wrote {path}; training its {min(top, len(result.trials))} variants over seeds {list(spec.seeds)}")
+    ctx.invoke(sweep, sweep_file=path, store_path=store_path, data_dir=data_dir, workers=workers, threads=threads,
+               in_process=in_process)
+
+
 def _note_shared(prepared) -> None:
     from harness.sweep import shared_runs
 

@@ -112,6 +112,9 @@ def render_leaderboard(
             f"{reference} | {row.params:,} | {_pct(row.train_s, 1)} |"
         )
     lines += render_health(results)
+    from harness.tune import render_tuner_comparison, tuner_comparison  # a tuned sweep: the winner's curse
+
+    lines += render_tuner_comparison(tuner_comparison(info, results.records, results.variants))
     if plots:
         lines += ["", "## Plots", ""]
         captions = {

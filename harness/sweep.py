@@ -85,6 +85,7 @@ def sweep_info(prepared: PreparedSweep) -> dict:
                 "estimated_train_flops": run.estimated_train_flops,
                 "keras_backend": run.backend.backend,
                 "keras_backend_requested": run.backend.requested,
+                **({"tuner": run.variant.tuner.model_dump()} if run.variant.tuner is not None else {}),
             }
         )
     return {
