@@ -44,7 +44,27 @@ store_option = click.option(
 )
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Click's usage errors (a bad flag value, an unknown option) as one line and exit 2, like ours."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "harness"
+            click.echo(f"harness: error: {where}: {' '.join(exc.format_message().split())} (see --help)", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.ClickException as exc:
+            click.echo(f"harness: error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("harness: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(__version__, prog_name="harness")
 def cli() -> None:
     """Seeded architecture sweeps for Keras models: train, store, compare."""
@@ -378,9 +398,11 @@ def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: f
             out: Path | None, fail_on_missing: bool) -> None:
     """Compare the latest results with a baseline; exit 1 on a regression."""
     from harness.regress import Verdict, compare, current_accuracies, load_baseline, render_comparison
-    from harness.report import atomic_write
+    from harness.fsio import check_writable_target, safe_write
     from harness.store import SQLiteStore
 
+    if out is not None:
+        out = check_writable_target(out, key="--out")
     base = load_baseline(baseline_path)
     with SQLiteStore(store_path, create=False) as store:
         accuracies, ids = current_accuracies(store, sweep_name)
@@ -388,7 +410,7 @@ def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: f
     text = render_comparison(rows, sweep=sweep_name, baseline_path=str(baseline_path), threshold=threshold, alpha=alpha)
     click.echo(text)
     if out is not None:
-        atomic_write(out, text)
+        safe_write(out, text, key="--out")
     verdicts = {r.verdict for r in rows}
     if Verdict.REGRESSED in verdicts or (fail_on_missing and Verdict.MISSING in verdicts):
         sys.exit(EXIT_RUNS_FAILED)

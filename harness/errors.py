@@ -1,4 +1,10 @@
-"""User-facing errors. The CLI maps every `UserError` to one line on stderr and exit code 2."""
+"""User-facing errors. The CLI maps every `UserError` to one line on stderr and exit code 2.
+
+Taxonomy: `SpecError` (sweep file or flag), `DataError` (a data set), `StoreError` (the results
+store), `OutputError` (a file we were asked to write), `LimitError` (an input over a size limit),
+`EnvironmentProblem` (the installation, not the input). Exit 1 is never used for any of them: it
+means only "runs failed" (sweep) or "regression" (regress).
+"""
 
 from __future__ import annotations
 
@@ -38,5 +44,19 @@ class StoreError(UserError):
     """A results store that cannot be used (wrong schema version, not a harness store)."""
 
 
-class WorkerStartError(UserError):
+class OutputError(UserError):
+    """A file the harness was asked to write cannot be written there (not a regular file, disk full,
+    read-only folder, no permission). Nothing at the path was changed."""
+
+
+class LimitError(UserError):
+    """An input over one of the harness' size limits (the message says the limit and how to raise it)."""
+
+
+class EnvironmentProblem(UserError):
+    """The environment is broken, not the input: TensorFlow missing or failing to import, a worker
+    that cannot start. Still one line and exit 2, worded as what to fix in the installation."""
+
+
+class WorkerStartError(EnvironmentProblem):
     """A worker process could not start (TensorFlow missing or broken in this environment)."""

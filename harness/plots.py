@@ -110,14 +110,17 @@ def heatmap_data(summary: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame | 
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    import io
+
+    from harness.fsio import ensure_dir, safe_write
+
+    ensure_dir(out_dir)
     paths = []
     for fmt in FORMATS:
         path = out_dir / f"{stem}.{fmt}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=120)
-        tmp.replace(path)
-        paths.append(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, bbox_inches="tight", dpi=120)
+        paths.append(safe_write(path, buffer.getvalue()))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

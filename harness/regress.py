@@ -21,7 +21,8 @@ from harness import __version__
 from harness.aggregate import welch_p
 from harness.errors import UserError
 from harness.records import RunStatus, utcnow
-from harness.report import SweepResults, atomic_write, load_results
+from harness.fsio import check_writable_target, safe_write
+from harness.report import SweepResults, load_results, output_path
 from harness.store import ResultStore
 
 BASELINE_FORMAT = "harness-baseline"
@@ -61,8 +62,8 @@ def baseline_from_store(store: ResultStore, sweep: str) -> dict[str, Any]:
 
 
 def save_baseline(store: ResultStore, sweep: str, *, out: str | Path | None = None) -> Path:
-    out = Path(out) if out else Path("reports") / "baselines" / f"{sweep}.json"
-    return atomic_write(out, json.dumps(baseline_from_store(store, sweep), indent=2, sort_keys=True) + "\n")
+    out = check_writable_target(output_path(out, sweep, ".json", folder=Path("reports") / "baselines"), key="--out")
+    return safe_write(out, json.dumps(baseline_from_store(store, sweep), indent=2, sort_keys=True) + "\n", key="--out")
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:

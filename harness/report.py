@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pandas as pd
 from harness import __version__
 from harness.aggregate import runs_frame, summarize, sweep_utilisation
 from harness.errors import UserError
+from harness.fsio import check_writable_target, safe_name, safe_write
 from harness.health import health_of
 from harness.records import RunRecord, RunStatus
 from harness.store import ResultStore
@@ -222,31 +222,38 @@ def _describe_utilisation(use: dict[str, Any]) -> str:
 
 
 def atomic_write(path: str | Path, text: str) -> Path:
-    """Write via a temp file in the same folder and `os.replace`: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Kept for callers of the old name: `harness.fsio.safe_write` (only ever replaces a regular file)."""
+    return safe_write(path, text)
+
+
+def default_output(sweep: str, suffix: str, *, folder: str | Path = "reports") -> Path:
+    """`reports/<sweep><suffix>`, with the stored sweep name made a safe file name: whatever the
+    store says the sweep is called (`../../etc/x`, `a/b`, 300 characters), the path stays in `folder`."""
+    return Path(folder) / f"{safe_name(sweep)}{suffix}"
+
+
+def output_path(out: str | Path | None, sweep: str, suffix: str, *, folder: str | Path = "reports") -> Path:
+    """The file to write: the user's `--out` exactly as named (no suffix added), else the default."""
+    return Path(out) if out else default_output(sweep, suffix, folder=folder)
+
+
+def plots_dir(out: Path) -> Path:
+    """Where a report's plots go: beside it, in a folder named like the report without its suffix
+    (`reports/x.md` -> `reports/x/`), or `NAME_plots/` when the report's name has no suffix."""
+    return out.parent / (out.stem if out.suffix else f"{out.name}_plots")
 
 
 def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = None, with_plots: bool = True) -> Path:
     """Write reports/<sweep>.md and its plots (reports/<sweep>/*.png and .svg), linked relatively."""
+    out = check_writable_target(output_path(out, sweep, ".md"), key="--out")
     results = load_results(store, sweep)
-    out = Path(out) if out else Path("reports") / f"{sweep}.md"
     plots: dict[str, str] = {}
     if with_plots:
         from harness.plots import write_plots
 
-        plot_dir = out.parent / out.stem
+        plot_dir = plots_dir(out)
         plots = {name: os.path.relpath(path, out.parent) for name, path in write_plots(results, plot_dir).items()}
-    return atomic_write(out, render_leaderboard(results, plots=plots))
+    return safe_write(out, render_leaderboard(results, plots=plots), key="--out")
 
 
 EXPORT_COLUMNS = [
@@ -296,8 +303,8 @@ def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
 
 
 def write_export(store: ResultStore, sweep: str, *, out: str | Path | None = None) -> Path:
-    out = Path(out) if out else Path("reports") / f"{sweep}.csv"
-    return atomic_write(out, export_frame(store, sweep).to_csv(index=False))
+    out = check_writable_target(output_path(out, sweep, ".csv"), key="--out")
+    return safe_write(out, export_frame(store, sweep).to_csv(index=False), key="--out")
 
 
 def status_rows(store: ResultStore) -> list[dict[str, Any]]:

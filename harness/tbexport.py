@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from harness.errors import UserError
+from harness.fsio import current_umask, safe_write
 from harness.records import RunRecord
 from harness.store import ResultStore
 
@@ -146,7 +147,7 @@ def write_tensorboard_runs(runs: Sequence[TensorBoardRun], folder: Path, *, swee
         for tag, value in run.metrics.items():
             events.append(event_pb2.Event(wall_time=run.wall_time, step=epochs, summary=scalar.scalar_pb(tag, value)))
         _write_events(folder / run.folder, events)
-    (folder / MARKER).write_text(json.dumps({"sweep": sweep, "runs": len(runs)}) + "\n", encoding="utf-8")
+    safe_write(folder / MARKER, json.dumps({"sweep": sweep, "runs": len(runs)}) + "\n")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -166,6 +167,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def check_export_dir(out: Path) -> None:
+    if out.is_symlink():
+        raise UserError("is a symbolic link; the harness only replaces folders of its own (choose another folder)",
+                        file=str(out), key="--tensorboard")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise UserError(
             "exists and is not a TensorBoard export of harness (no " + MARKER + "); choose another folder",
@@ -184,6 +188,7 @@ def export_tensorboard(store: ResultStore, sweep: str, *, out: str | Path) -> Pa
     runs = tensorboard_runs(results.records, results.variants)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the export folder follows the umask
     try:
         write_tensorboard_runs(runs, tmp, sweep=sweep)
         _replace_dir(tmp, out)
