@@ -25,6 +25,7 @@ RUN_COLUMNS = [
     "near_chance",
     "health",
     "device",
+    "keras_backend",
     "error",
 ]
 
@@ -51,6 +52,7 @@ def runs_frame(records: Sequence[RunRecord], *, variants: Sequence[str] | None =
                 "near_chance": any(flag.value == "near_chance" for flag in record.flags),
                 "health": diagnosis.health.value if diagnosis is not None else "",
                 "device": record.device,
+                "keras_backend": record_backend(record),
                 "error": (record.error or "").strip().splitlines()[-1] if record.error else "",
             }
         )
@@ -192,3 +194,56 @@ def sweep_utilisation(records: Sequence[RunRecord], calibrations: dict[str, dict
         "calibrated_on": calibration.get("device") if calibration else None,
         "mfu": achieved / peak if calibration and peak > 0 else math.nan,
     }
+
+
+def record_backend(record: RunRecord) -> str:
+    """The Keras backend a run trained with (records from before backends were recorded: TensorFlow)."""
+    return str(record.budget.get("keras_backend") or record.versions.get("keras_backend") or "tensorflow")
+
+
+def backend_versions(records: Sequence[RunRecord]) -> dict[str, str]:
+    """Keras backend -> the library versions its runs recorded (several joined, in order seen)."""
+    seen: dict[str, list[str]] = {}
+    for record in records:
+        backend = record_backend(record)
+        version = record.versions.get(backend)
+        if version and version not in seen.setdefault(backend, []):
+            seen[backend].append(version)
+        seen.setdefault(backend, [])
+    return {backend: ", ".join(versions) or "?" for backend, versions in seen.items()}
+
+
+BACKEND_COLUMNS = ["model", "keras_backend", "variant", "n", "failures", "mean", "std", "train_s", "speedup"]
+
+
+def backend_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Variants that differ only by Keras backend, side by side: per model (variant id) that ran on
+    more than one backend, one row per backend with its accuracy and mean train time per run, and
+    `speedup`: the slowest backend's mean train time over this one's."""
+    rows = []
+    if not len(runs) or "keras_backend" not in runs:
+        return pd.DataFrame(rows, columns=BACKEND_COLUMNS)
+    for variant_id, group in runs.groupby("variant_id", sort=False):
+        if group["keras_backend"].nunique() < 2:
+            continue
+        by_backend = []
+        for backend, sub in group.groupby("keras_backend", sort=False):
+            finished = sub[sub["status"] == "done"]
+            mean, std, _lo, _hi = mean_ci(finished["test_accuracy"].tolist())
+            by_backend.append(
+                {
+                    "model": variant_id,
+                    "keras_backend": backend,
+                    "variant": ", ".join(dict.fromkeys(sub["variant"].tolist())),
+                    "n": int(finished["test_accuracy"].notna().sum()),
+                    "failures": int(sub["status"].isin(["failed", "diverged"]).sum()),
+                    "mean": mean,
+                    "std": std,
+                    "train_s": float(finished["train_s"].mean()) if len(finished) else math.nan,
+                }
+            )
+        slowest = max((r["train_s"] for r in by_backend if not math.isnan(r["train_s"])), default=math.nan)
+        for row in by_backend:
+            row["speedup"] = slowest / row["train_s"] if row["train_s"] and not math.isnan(row["train_s"]) else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows, columns=BACKEND_COLUMNS)

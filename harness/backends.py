@@ -161,6 +161,24 @@ def worker_env(
     return tuple(merged.items())
 
 
+def share_workers(runs_per_backend: Mapping[str, int], workers: int) -> list[str]:
+    """The backend of each of `workers` worker slots: every backend with runs gets one while there
+    are slots, the rest go out in proportion to the runs (largest remainder). Workers move to
+    another backend once theirs has no queued run (scheduler), so this is only the start."""
+    wanted = {b: n for b, n in runs_per_backend.items() if n > 0}
+    if not wanted or workers < 1:
+        return []
+    order = sorted(wanted, key=lambda b: (-wanted[b], b))
+    shares = {b: 0 for b in order}
+    for backend in order[:workers]:
+        shares[backend] = 1
+    total = sum(wanted.values())
+    while sum(shares.values()) < workers:
+        backend = max(order, key=lambda b: wanted[b] / total * workers - shares[b])
+        shares[backend] += 1
+    return [b for b in order for _ in range(shares[b])]
+
+
 # --------------------------------------------------------------------------- auto
 
 

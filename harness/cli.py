@@ -115,7 +115,7 @@ def sweep(
     dry_run: bool,
 ) -> None:
     """Train every variant x seed of SWEEP_FILE that the store does not hold yet."""
-    from harness.backends import use_backend_in_process
+    from harness.backends import share_workers, use_backend_in_process
     from harness.devices import available_memory_gib, detect_gpus, parse_gpu_list, plan_workers
     from harness.plan import BackendContext, sweep_backends
     from harness.spec import load_sweep, parse_subset
@@ -135,11 +135,12 @@ def sweep(
     first_backend = max(backends, key=backends.__getitem__)
 
     def worker_slots(pending: int):
-        return plan_workers(
+        slots = plan_workers(
             gpus=detected, pending=pending, cpu_count=cpu_count, use_gpus=use_gpus, runs_per_gpu=runs_per_gpu,
             workers=workers, threads=threads, memory_gib=available_memory_gib(), backend=first_backend,
             deterministic=spec.deterministic,
         )
+        return [slot.for_backend(b) for slot, b in zip(slots, share_workers(backends, len(slots)))]
 
     if in_process and not dry_run:
         use_backend_in_process(backends)  # KERAS_BACKEND before Keras is imported here
@@ -440,19 +441,43 @@ def status(store_path: Path) -> None:
 @cli.command()
 @store_option
 @click.option("--size", type=click.IntRange(min=64), default=None, help="Matrix size (default 2048 CPU, 8192 GPU).")
+@click.option("--keras-backend", "backend_names", multiple=True, type=click.Choice(["tensorflow", "jax", "torch"]),
+              help="Backends to time a training step of (repeatable; default: every installed one).")
+@click.option("--gpus", default=None, metavar="0,1|none", help="Calibrate the first of these GPUs (default: nvidia-smi's first).")
 @_user_errors
-def calibrate(store_path: Path, size: int | None) -> None:
-    """Time a large matmul: the peak FLOP/s that reports measure model-FLOPs utilisation against."""
+def calibrate(store_path: Path, size: int | None, backend_names: tuple[str, ...], gpus: str | None) -> None:
+    """Measure this machine: the peak matmul FLOP/s (the report's MFU line) and one training step of
+    a dense and a conv model under each installed Keras backend (what `keras_backend: auto` uses)."""
+    from harness.backends import require_installed
+    from harness.calibrate import calibrate as measure, save_calibration
+    from harness.devices import detect_gpus, parse_gpu_list, plan_workers
     from harness.store import SQLiteStore
-    from harness.train import measure_peak_flops
 
-    result = measure_peak_flops(size=size)
+    for name in backend_names:
+        require_installed(name, key="--keras-backend")
+    use_gpus = parse_gpu_list(gpus) if gpus is not None else None
+    detected = detect_gpus() if use_gpus != [] else []
+    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slot = plan_workers(gpus=detected, pending=10**6, cpu_count=cpu_count, use_gpus=use_gpus)[0]
+    result = measure(gpu=slot.gpu, threads=slot.threads, all_threads=cpu_count, size=size, backends=backend_names or None)
     with SQLiteStore(store_path) as store:
-        store.set_meta(f"calibration:{result['kind']}", result)
-    click.echo(
-        f"peak {result['flops_per_s'] / 1e9:.1f} GFLOP/s on {result['device']} "
-        f"({result['size']}x{result['size']} float32 matmul, best of 10); saved in {store_path}"
-    )
+        save_calibration(store, result)
+    peak = result.peak
+    if peak is not None:
+        click.echo(
+            f"peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s on {peak['device']} with {peak.get('keras_backend', '?')} "
+            f"({peak['size']}x{peak['size']} float32 matmul, best of 10)"
+        )
+    for timing in result.timings:
+        if timing.error:
+            click.echo(f"{timing.backend}: failed: {timing.error}")
+            continue
+        steps = ", ".join(f"{kind} {1e3 * s:.2f} ms/step" for kind, s in timing.step_s.items())
+        click.echo(f"{timing.backend} {timing.version}: {steps} ({result.threads} thread{'s' if result.threads > 1 else ''})")
+    for kind, by_backend in result.steps().items():
+        if by_backend:
+            click.echo(f"auto on {result.device_kind}: {kind} models -> {min(by_backend, key=by_backend.__getitem__)}")
+    click.echo(f"saved in {store_path}")
 
 
 def main() -> None:

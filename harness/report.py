@@ -12,7 +12,14 @@ from typing import Any
 import pandas as pd
 
 from harness import __version__
-from harness.aggregate import runs_frame, summarize, sweep_utilisation
+from harness.aggregate import (
+    backend_comparison,
+    backend_versions,
+    record_backend,
+    runs_frame,
+    summarize,
+    sweep_utilisation,
+)
 from harness.errors import UserError
 from harness.fsio import check_writable_target, safe_name, safe_write
 from harness.health import health_of
@@ -33,8 +40,8 @@ class SweepResults:
 
     @property
     def versions(self) -> dict[str, str]:
-        """Library versions of the first run that got as far as importing TensorFlow."""
-        return next((r.versions for r in self.records if r.versions.get("tensorflow")), {})
+        """Library versions of the first run that got as far as importing its Keras backend."""
+        return next((r.versions for r in self.records if r.versions.get("keras")), {})
 
 
 def load_results(store: ResultStore, sweep: str) -> SweepResults:
@@ -115,6 +122,7 @@ def render_leaderboard(
     from harness.tune import render_tuner_comparison, tuner_comparison  # a tuned sweep: the winner's curse
 
     lines += render_tuner_comparison(tuner_comparison(info, results.records, results.variants))
+    lines += render_backends(results)
     if plots:
         lines += ["", "## Plots", ""]
         captions = {
@@ -143,13 +151,62 @@ def render_leaderboard(
         f"{dataset.get('n_test')} test images, fingerprint `{dataset.get('fingerprint')}`",
         f"- budget: {_describe_budget(info)}; seeds {info.get('seeds')}; "
         f"op determinism {'on' if info.get('deterministic') else 'off'}",
-        f"- TensorFlow {versions.get('tensorflow', '?')}, Keras {versions.get('keras', '?')}, "
+        f"- Keras {versions.get('keras', '?')} on {_describe_backends(results)}; "
         f"Python {versions.get('python', '?')}, NumPy {versions.get('numpy', '?')}",
         f"- devices: {', '.join(devices) or '—'}",
         f"- compute: {_describe_utilisation(results.utilisation)}",
         "",
     ]
     return "\n".join(lines)
+
+
+_BACKEND_NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+
+
+def _describe_backends(results: SweepResults) -> str:
+    """'TensorFlow 2.21.0 (8 runs), JAX 0.10.2 (4 runs)': every Keras backend the runs used."""
+    versions = backend_versions(results.records)
+    if not versions:
+        return "—"
+    counts = results.runs["keras_backend"].value_counts().to_dict() if len(results.runs) else {}
+    return ", ".join(
+        f"{_BACKEND_NAMES.get(b, b)} {v} ({counts.get(b, 0)} run{'s' if counts.get(b, 0) != 1 else ''})"
+        for b, v in versions.items()
+    )
+
+
+def render_backends(results: SweepResults) -> list[str]:
+    """The Keras backends section: models trained on several backends side by side (accuracy and
+    train time per run), and what `keras_backend: auto` chose and why."""
+    lines: list[str] = []
+    table = backend_comparison(results.runs)
+    if len(table):
+        lines += [
+            "",
+            "## Keras backends side by side",
+            "",
+            "Variants that differ only by Keras backend (same model, budget, data and seeds). Speed-up: "
+            "the slowest backend's mean train time per run over this one's.",
+            "",
+            "| Model | Backend | Variant | n | Failures | Mean acc (%) | Std | Mean train time (s) | Speed-up |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in table.itertuples(index=False):
+            lines.append(
+                f"| `{row.model}` | {_BACKEND_NAMES.get(row.keras_backend, row.keras_backend)} | {_md_escape(row.variant)} | "
+                f"{row.n} | {row.failures} | {_pct(row.mean)} | {_pct(row.std)} | {_pct(row.train_s, 1)} | "
+                f"{_pct(row.speedup, 2)}x |"
+            )
+    choices = {}
+    for record in results.records:
+        reason = record.budget.get("keras_backend_auto")
+        if reason:
+            choices.setdefault((record.variant, record.budget.get("keras_backend")), reason)
+    if choices:
+        lines += ["", "## keras_backend: auto", "", "| Variant | Chosen | Why |", "|---|---|---|"]
+        for (variant, backend), reason in choices.items():
+            lines.append(f"| {_md_escape(variant)} | {_BACKEND_NAMES.get(backend, backend)} | {_md_escape(reason)} |")
+    return lines
 
 
 def _health_note(row: Any) -> str:
@@ -259,7 +316,7 @@ def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = Non
 EXPORT_COLUMNS = [
     "sweep", "run_id", "variant", "variant_id", "seed", "status", "test_accuracy", "test_loss", "params",
     "epochs", "batch_size", "validation_split", "train_s", "wall_s", "estimated_train_flops", "device",
-    "tensorflow", "keras", "dataset_fingerprint", "started_at", "finished_at", "flags", "health", "error",
+    "keras_backend", "backend_version", "tensorflow", "keras", "dataset_fingerprint", "started_at", "finished_at", "flags", "health", "error",
 ]
 
 
@@ -287,6 +344,8 @@ def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
             "wall_s": record.timings.get("wall_s"),
             "estimated_train_flops": record.metrics.get("estimated_train_flops"),
             "device": record.device,
+            "keras_backend": record_backend(record),
+            "backend_version": record.versions.get(record_backend(record)),
             "tensorflow": record.versions.get("tensorflow"),
             "keras": record.versions.get("keras"),
             "dataset_fingerprint": record.dataset.get("fingerprint"),

@@ -122,3 +122,71 @@ def test_default_backend_follows_keras_backend_env() -> None:
     assert backends.default_backend({}) == "tensorflow"
     assert backends.default_backend({"KERAS_BACKEND": "jax"}) == "jax"
     assert backends.default_backend({"KERAS_BACKEND": "mlx"}) == "tensorflow"
+
+
+def test_workers_are_shared_out_among_backends() -> None:
+    from harness.backends import share_workers
+
+    assert share_workers({"tensorflow": 6, "jax": 6}, 2) == ["jax", "tensorflow"] or share_workers(
+        {"tensorflow": 6, "jax": 6}, 2
+    ) == ["tensorflow", "jax"]
+    assert share_workers({"tensorflow": 9, "jax": 3}, 4) == ["tensorflow", "tensorflow", "tensorflow", "jax"]
+    assert share_workers({"tensorflow": 30, "jax": 1}, 2) == ["tensorflow", "jax"]  # every backend gets a worker
+    assert share_workers({"tensorflow": 5, "jax": 5, "torch": 5}, 2) == ["jax", "tensorflow"]  # the rest wait
+    assert share_workers({"jax": 4}, 3) == ["jax"] * 3
+
+
+E2E_SWEEP = """
+schema_version: 1
+name: backends_e2e
+dataset: mnist
+subset: {train: 2000, test: 1000}
+budget: {epochs: 1, batch_size: 64, seeds: 3, validation_split: 0.1}
+defaults: {preprocess: unit, optimizer: adam}
+variants:
+  - name: mlp_64
+    model: {dense: {units: [64]}}
+grid:
+  budget.keras_backend: [tensorflow, jax]
+"""
+
+
+@pytest.mark.slow
+def test_same_sweep_trains_under_tensorflow_and_jax_and_agrees(tmp_path: Path, data_dir: Path) -> None:
+    """One small sweep over both backends through `harness sweep` (real workers of each backend):
+    run ids differ by backend, accuracies agree within their seed spread, the report compares them."""
+    from click.testing import CliRunner
+
+    from harness.backends import backend_version
+    from harness.cli import cli
+    from harness.report import load_results
+    from harness.store import SQLiteStore
+
+    if backend_version("jax") is None:
+        pytest.skip('jax not installed (pip install -e ".[jax]")')
+    sweep = write_sweep(tmp_path / "s.yaml", E2E_SWEEP)
+    store_path = tmp_path / "h.db"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["sweep", str(sweep), "--data-dir", str(data_dir), "--store", str(store_path), "--workers", "2"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "(cpu, 1 thread, jax)" in result.stderr and "(cpu, 1 thread, tensorflow)" in result.stderr
+    with SQLiteStore(store_path, create=False) as store:
+        results = load_results(store, "backends_e2e")
+    runs = results.runs
+    assert len(runs) == 6 and set(runs["status"]) == {"done"}
+    assert runs.groupby("keras_backend")["run_id"].nunique().to_dict() == {"jax": 3, "tensorflow": 3}
+    assert runs["variant_id"].nunique() == 1
+    for record in results.records:
+        backend = record.budget["keras_backend"]
+        assert record.versions["keras_backend"] == backend and record.versions[backend] == backend_version(backend)
+    acc = {b: sorted(g["test_accuracy"]) for b, g in runs.groupby("keras_backend")}
+    spread = max(max(v) for v in acc.values()) - min(min(v) for v in acc.values())
+    means = {b: sum(v) / len(v) for b, v in acc.items()}
+    assert abs(means["tensorflow"] - means["jax"]) <= max(spread, 1.0), acc
+    assert all(80.0 < a for v in acc.values() for a in v), acc
+    report = runner.invoke(cli, ["report", "--sweep", "backends_e2e", "--store", str(store_path), "--no-plots",
+                                 "--out", str(tmp_path / "r.md")])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "r.md").read_text()
+    assert "## Keras backends side by side" in text and "| JAX |" in text and "| TensorFlow |" in text
+    assert f"JAX {backend_version('jax')} (3 runs)" in text

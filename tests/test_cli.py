@@ -143,14 +143,39 @@ def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
     assert "4 already in the store, 0 trained" in again.output
 
 
-def test_calibrate_stores_a_measured_peak(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_calibrate_times_each_backend_and_auto_uses_it(tmp_path: Path, data_dir: Path) -> None:
+    """Real child processes per installed backend: a peak, a dense and a conv step each; a sweep
+    with `keras_backend: auto` then picks the measured fastest per model kind and says why."""
+    from harness.backends import installed_backends
+
     store = tmp_path / "h.db"
     result = invoke("calibrate", "--store", store, "--size", "256")
     assert result.exit_code == 0, result.output + result.stderr
     assert "GFLOP/s" in result.output and "256x256 float32 matmul" in result.output
     with SQLiteStore(store, create=False) as s:
         calibration = s.get_meta("calibration:cpu")
+        steps = s.get_meta("backend_steps:cpu")
     assert calibration["flops_per_s"] > 1e6 and calibration["size"] == 256
+    installed = set(installed_backends())
+    assert set(steps["steps"]["dense"]) == set(steps["steps"]["conv"]) == installed and not steps["errors"]
+    assert all(0 < s < 10 for kind in steps["steps"].values() for s in kind.values())
+    fastest = {kind: min(by, key=by.__getitem__) for kind, by in steps["steps"].items()}
+    assert f"auto on cpu: dense models -> {fastest['dense']}" in result.output
+
+    sweep = write_sweep(tmp_path / "s.yaml", GOOD)
+    plan = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--dry-run", "--keras-backend", "auto")
+    assert plan.exit_code == 0, plan.stderr
+    from harness.plan import BackendContext
+    from harness.spec import load_sweep
+    from harness.sweep import prepare_sweep
+
+    spec = load_sweep(sweep).with_overrides(keras_backend="auto")
+    runs = prepare_sweep(spec, data_dir=data_dir, backends=BackendContext(calibration=steps)).runs
+    chosen = {r.variant.name: r.backend for r in runs}
+    assert chosen["mlp_32"].backend == fastest["dense"] and chosen["cnn_8"].backend == fastest["conv"]
+    assert "fastest measured dense step on cpu" in chosen["mlp_32"].reason
+    assert runs[0].budget["keras_backend_auto"] == chosen["mlp_32"].reason
 
 
 def test_worker_options_shape_the_plan(tmp_path: Path, data_dir: Path) -> None:

@@ -40,7 +40,8 @@ def test_failures_and_provenance_sections(store) -> None:
     text = render_leaderboard(load_results(store, "fx"), generated_at="2026-01-01")
     assert "## Failures" in text and "ResourceExhaustedError: OOM when allocating tensor" in text
     assert "loss became NaN or infinite" in text
-    assert "TensorFlow 2.21.0, Keras 3.15.1" in text and "cpu x86_64 (2 threads)" in text
+    assert "Keras 3.15.1 on TensorFlow 2.21.0 (8 runs)" in text and "cpu x86_64 (2 threads)" in text
+    assert "## Keras backends side by side" not in text  # one backend: nothing to compare
     assert "`sweeps/fx.yaml`" in text
 
 
@@ -74,3 +75,39 @@ def test_status_rows(store) -> None:
     assert status_rows(store) == [{"sweep": "fx", "planned": 9, "done": 6, "diverged": 1, "failed": 1, "running": 0, "pending": 1}]
     store.claim("never-0", owner="other-host:1:x", lease_s=60)
     assert status_rows(store)[0]["running"] == 1 and status_rows(store)[0]["pending"] == 0
+
+
+def test_backends_side_by_side_and_auto_choices(tmp_path: Path) -> None:
+    """The same variants on TensorFlow and on JAX (a grid over budget.keras_backend): the report
+    puts them side by side, names both backends in the provenance, and says what auto chose."""
+    import dataclasses
+
+    tf_records = [r for r in fixture_records() if r.variant == "alpha"]
+    jax_records = [
+        dataclasses.replace(
+            r,
+            run_id=r.run_id + "-jax",
+            variant="alpha_jax",
+            budget={**r.budget, "keras_backend": "jax", "keras_backend_auto": "fastest measured dense step on cpu"},
+            versions={**{k: v for k, v in r.versions.items() if k != "tensorflow"}, "keras_backend": "jax", "jax": "0.10.2"},
+            metrics={**r.metrics, "test_accuracy": r.metrics["test_accuracy"] - 0.001},
+            timings={**r.timings, "train_s": r.timings["train_s"] / 4},
+        )
+        for r in tf_records
+    ]
+    variants = [dict(VARIANTS[0]), {**VARIANTS[0], "name": "alpha_jax"}]
+    with SQLiteStore(tmp_path / "h.db") as store:
+        for record in tf_records + jax_records:
+            store.put(record)
+        plan = [(r.run_id, r.variant, r.seed) for r in tf_records + jax_records]
+        store.save_plan("b", source="b.yaml", info={"variants": variants, "seeds": [0, 1, 2], "dataset": {}}, runs=plan)
+        results = load_results(store, "b")
+    assert results.runs["keras_backend"].tolist() == ["tensorflow"] * 3 + ["jax"] * 3
+    text = render_leaderboard(results, generated_at="2026-01-01")
+    assert "Keras 3.15.1 on TensorFlow 2.21.0 (3 runs), JAX 0.10.2 (3 runs)" in text
+    section = text.split("## Keras backends side by side", 1)[1].split("##", 1)[0]
+    tf_row = next(line for line in section.splitlines() if "| TensorFlow |" in line)
+    jax_row = next(line for line in section.splitlines() if "| JAX |" in line)
+    assert "| alpha | 3 | 0 | 97.50 | 0.50 | 12.0 | 1.00x |" in tf_row
+    assert "| alpha_jax | 3 | 0 | 97.40 | 0.50 | 3.0 | 4.00x |" in jax_row
+    assert "| alpha_jax | JAX | fastest measured dense step on cpu |" in text
