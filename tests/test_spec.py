@@ -38,7 +38,7 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("name", ["conv_table", "seed_notebooks", "quickstart"])
+@pytest.mark.parametrize("name", ["conv_table", "conv_table_cpu", "seed_notebooks", "quickstart"])
 def test_shipped_sweeps_load(name: str) -> None:
     spec = load_sweep(SWEEPS / f"{name}.yaml")
     assert spec.name == name
@@ -57,6 +57,27 @@ def test_conv_table_has_all_16_wiki_rows_with_references() -> None:
         text = wiki.read_text()
         for name in by_name:
             assert name in text, name
+
+
+def test_cpu_conv_table_is_the_full_table_at_a_smaller_budget() -> None:
+    full, cpu = (load_sweep(SWEEPS / f"{name}.yaml") for name in ("conv_table", "conv_table_cpu"))
+    assert [v.name for v in cpu.variants] == [v.name for v in full.variants]
+    assert [v.reference for v in cpu.variants] == [v.reference for v in full.variants]
+    assert cpu.seeds == full.seeds == (0, 1, 2)
+    assert cpu.subset is not None and cpu.subset.train == 12000 and cpu.subset.test is None
+    assert {(v.epochs, v.batch_size, v.validation_split) for v in cpu.variants} == {(3, 128, 0.1)}
+    bn_rows = 0
+    for small, big in zip(cpu.variants, full.variants):
+        blocks = [b for b in small.model.conv if b.batchnorm] + ([small.model.dense] if small.model.dense.batchnorm else [])
+        bn_rows += bool(blocks)
+        # the only architecture difference: batch-norm momentum 0.9 wherever there is batch norm
+        assert all(b.batchnorm_momentum == 0.9 for b in blocks)
+        undo = {
+            "conv": [b.model_copy(update={"batchnorm_momentum": 0.99}) for b in small.model.conv],
+            "dense": small.model.dense.model_copy(update={"batchnorm_momentum": 0.99}),
+        }
+        assert small.model.model_copy(update=undo) == big.model, small.name
+    assert bn_rows == 4
 
 
 def test_defaults_merge_and_budget_override(tmp_path: Path) -> None:
