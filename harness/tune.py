@@ -170,7 +170,7 @@ def run_search(job: TuneJob) -> TuneResult:
 
     from harness.builders import BuilderError, load_builder, target_loss
     from harness.data import load_dataset
-    from harness.train import _prepared_arrays
+    from harness.data import prepare_inputs, prepare_targets
 
     variant = job.variant
     config = variant.model
@@ -200,10 +200,11 @@ def run_search(job: TuneJob) -> TuneResult:
     keras.backend.clear_session()
 
     images = config.inputs == "images"
-    x_all, y_all, _x_test, _y_test = _prepared_arrays(dataset, config.preprocess, images, loss_kind)
+    x_all = prepare_inputs(dataset.x_train, preprocess=config.preprocess, images=images)
+    y_all = prepare_targets(dataset.y_train, loss=loss_kind, num_classes=dataset.num_classes)
     n_val = int(round(len(x_all) * variant.validation_split))
     x_fit, y_fit = x_all[:-n_val], y_all[:-n_val]
-    validation = (x_all[-n_val:], y_all[-n_val:])  # the same split every seeded run validates on
+    validation = (x_all[-n_val:], y_all[-n_val:])  # the same split every seeded run validates on (the last part)
 
     common = dict(
         hypermodel=build,
