@@ -339,7 +339,7 @@ def check_tuned_out(out: Path) -> None:
 
 def write_tuned_sweep(data: dict, out: Path) -> Path:
     """Write the generated sweep atomically; a file there that we did not generate is refused."""
-    from harness.report import atomic_write
+    from harness.fsio import safe_write
 
     check_tuned_out(out)
     class _NoAliases(yaml.SafeDumper):
@@ -349,7 +349,7 @@ def write_tuned_sweep(data: dict, out: Path) -> Path:
     text = f"{GENERATED_HEADER} from a KerasTuner search; trained over seeds by `harness sweep`.\n" + yaml.dump(
         data, Dumper=_NoAliases, sort_keys=False, default_flow_style=None, width=110
     )
-    return atomic_write(out, text)
+    return safe_write(out, text, key="--out")
 
 
 # --------------------------------------------------------------------------- the report's comparison
