@@ -4,7 +4,7 @@ Part 1 (the table): one epoch of the same Keras model on the same MNIST images, 
 process, each measurement in a fresh process with `KERAS_BACKEND` set before Keras is imported
 (the environment is `harness.backends.worker_env`, exactly what a sweep worker gets). Models:
 MLP 64-64 batch 32 and MLP 256-256 batch 128 on 12,000 images; CNN conv32-conv64-pool-dense128
-batch 128 with and without batch norm on 4,096 images. Ways: TensorFlow, JAX, each with
+batch 128 with and without batch norm on 1,024 images. Ways: TensorFlow, JAX, each with
 `steps_per_execution` (spe) 1 and the harness' choice, and with XLA `jit_compile` on TensorFlow.
 The time is the second epoch (the first includes tracing/compilation, reported apart).
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 MODELS = {
     "mlp64": {"label": "MLP 64-64, batch 32", "batch": 32, "n": 12000},
     "mlp256": {"label": "MLP 256-256, batch 128", "batch": 128, "n": 12000},
-    "cnn": {"label": "CNN conv32-conv64-pool-dense128, batch 128", "batch": 128, "n": 4096},
-    "cnn_bn": {"label": "same CNN with batch norm", "batch": 128, "n": 4096},
+    "cnn": {"label": "CNN conv32-conv64-pool-dense128, batch 128", "batch": 128, "n": 1024},
+    "cnn_bn": {"label": "same CNN with batch norm", "batch": 128, "n": 1024},
 }
 
 

@@ -107,10 +107,9 @@ def thread_env(backend: str, threads: int) -> list[tuple[str, str]]:
         env += [("TF_NUM_INTRAOP_THREADS", value), ("TF_NUM_INTEROP_THREADS", "1" if threads == 1 else "2")]
     elif backend == "jax":
         # XLA's CPU client: one thread means no Eigen thread pool inside ops.
-        flags = [f"intra_op_parallelism_threads={value}"]
-        if threads == 1:
-            flags.insert(0, "--xla_cpu_multi_thread_eigen=false")
-        env.append(("XLA_FLAGS", " ".join(flags)))
+        # (XLA_FLAGS must start with "--", or XLA takes it for a file name and aborts.)
+        eigen = "false" if threads == 1 else "true"
+        env.append(("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={value}"))
     elif backend == "torch":
         env.append(("HARNESS_TORCH_THREADS", value))  # torch.set_num_threads in the adapter
     return env

@@ -173,16 +173,33 @@ def prepared_inputs(
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
     steps_per_execution: int
-    eval_batch_size: int
+    eval_batch_size: int  # the largest evaluation batch
+    validation_batch_size: int
+    test_batch_size: int
 
 
-def fit_options(*, batch_size: int, n_fit: int) -> FitOptions:
+def even_batches(n: int, largest: int) -> int:
+    """A batch size of at most `largest` that cuts `n` examples into equal batches where it can
+    (10,000 -> 5 x 2,000, not 4 x 2,048 + 1,808): each distinct batch shape is one more compile
+    under XLA (JAX), so evaluation sees one shape instead of two."""
+    if n <= 0:
+        return largest
+    return math.ceil(n / math.ceil(n / largest))
+
+
+def fit_options(*, batch_size: int, n_fit: int, n_val: int = 0, n_test: int = 0) -> FitOptions:
     """How a run is driven: `steps_per_execution` so that each host round trip trains about
-    `EXAMPLES_PER_EXECUTION` examples (at most an epoch's steps), and large evaluation batches.
-    Neither changes the updates: the same batches in the same order."""
+    `EXAMPLES_PER_EXECUTION` examples (at most an epoch's steps), and large, even evaluation
+    batches. Neither changes the updates: the same batches in the same order."""
     steps_per_epoch = max(1, math.ceil(n_fit / batch_size))
     spe = max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size))
-    return FitOptions(steps_per_execution=spe, eval_batch_size=max(batch_size, EVAL_BATCH_SIZE))
+    largest = max(batch_size, EVAL_BATCH_SIZE)
+    return FitOptions(
+        steps_per_execution=spe,
+        eval_batch_size=largest,
+        validation_batch_size=even_batches(n_val, largest),
+        test_batch_size=even_batches(n_test, largest),
+    )
 
 
 def check_backend(run: PlannedRun) -> None:
@@ -234,7 +251,12 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
         inputs = prepared_inputs(
             dataset, preprocess=config.preprocess, images=images, loss=loss_kind, validation_split=run.variant.validation_split
         )
-        options = fit_options(batch_size=run.variant.batch_size, n_fit=inputs.n_fit)
+        options = fit_options(
+            batch_size=run.variant.batch_size,
+            n_fit=inputs.n_fit,
+            n_val=0 if inputs.x_val is None else len(inputs.x_val),
+            n_test=len(inputs.x_test),
+        )
 
         model = own_model or build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
         compiled_by_user = own_model is not None and bool(getattr(own_model, "compiled", False))
@@ -257,7 +279,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             epochs=run.variant.epochs,
             batch_size=run.variant.batch_size,
             validation_data=inputs.validation,
-            validation_batch_size=options.eval_batch_size,
+            validation_batch_size=options.validation_batch_size,
             shuffle=True,
             verbose=0,
             callbacks=[keras.callbacks.TerminateOnNaN()],
@@ -267,12 +289,12 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             from harness.builders import evaluate_compiled, normalized_history
 
             test_loss, test_accuracy = evaluate_compiled(
-                model, inputs.x_test, inputs.y_test, dataset.y_test, batch_size=options.eval_batch_size
+                model, inputs.x_test, inputs.y_test, dataset.y_test, batch_size=options.test_batch_size
             )
             fit_history = normalized_history(fit.history)
         else:
             test_loss, test_accuracy = model.evaluate(
-                inputs.x_test, inputs.y_test, batch_size=options.eval_batch_size, verbose=0
+                inputs.x_test, inputs.y_test, batch_size=options.test_batch_size, verbose=0
             )
             fit_history = fit.history
         finished = time.perf_counter()

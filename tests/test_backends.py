@@ -15,7 +15,7 @@ from harness.devices import parse_nvidia_smi, plan_workers
 from harness.plan import BackendContext, sweep_backends
 from harness.spec import load_sweep
 
-from conftest import tiny_sweep_text, write_sweep
+from conftest import backend_params, tiny_sweep_text, write_sweep
 
 TWO_GPUS = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559\n1, NVIDIA H100 80GB HBM3, 81559\n")
 
@@ -50,6 +50,8 @@ def test_cpu_worker_env_per_backend() -> None:
     assert jax["KERAS_BACKEND"] == "jax" and jax["JAX_PLATFORMS"] == "cpu"
     assert "intra_op_parallelism_threads=1" in jax["XLA_FLAGS"] and "--xla_cpu_multi_thread_eigen=false" in jax["XLA_FLAGS"]
     assert "TF_NUM_INTRAOP_THREADS" not in jax
+    two = dict(worker_env("jax", threads=2))["XLA_FLAGS"]
+    assert two.startswith("--") and "intra_op_parallelism_threads=2" in two  # XLA reads a bare word as a file
     torch = dict(worker_env("torch", threads=3))
     assert torch["KERAS_BACKEND"] == "torch" and torch["HARNESS_TORCH_THREADS"] == "3" and torch["OMP_NUM_THREADS"] == "3"
 
@@ -190,3 +192,46 @@ def test_same_sweep_trains_under_tensorflow_and_jax_and_agrees(tmp_path: Path, d
     text = (tmp_path / "r.md").read_text()
     assert "## Keras backends side by side" in text and "| JAX |" in text and "| TensorFlow |" in text
     assert f"JAX {backend_version('jax')} (3 runs)" in text
+
+
+TIMEOUT_SWEEP = """
+schema_version: 1
+name: slowpoke
+dataset: mnist
+subset: {train: 600, test: 200}
+budget: {epochs: 1, batch_size: 32, seeds: 2}
+variants:
+  - name: mlp_16
+    model: {dense: {units: [16]}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backend_params())
+def test_timeouts_isolate_and_resume_on_every_backend(backend: str, tmp_path: Path, data_dir: Path) -> None:
+    """Real workers of `backend`: runs past --timeout become FAILED records (their workers killed
+    and replaced, the sweep goes on, exit 1); --rerun-failed then trains exactly those, on `backend`."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from harness.store import SQLiteStore
+
+    sweep = write_sweep(tmp_path / "s.yaml", TIMEOUT_SWEEP)
+    store_path = tmp_path / "h.db"
+    common = ["sweep", str(sweep), "--data-dir", str(data_dir), "--store", str(store_path), "--keras-backend", backend,
+              "--workers", "1"]
+    runner = CliRunner()
+    first = runner.invoke(cli, [*common, "--timeout", "0.01"])
+    assert first.exit_code == 1, first.output + first.stderr
+    assert "2 trained (2 failed or diverged)" in first.output
+    with SQLiteStore(store_path, create=False) as store:
+        records = store.records(r for r, _v, _s in store.plan("slowpoke"))
+    assert [r.status.value for r in records] == ["failed", "failed"]
+    assert all("timed out after 0.01 s" in r.error for r in records)
+    again = runner.invoke(cli, [*common, "--rerun-failed"])
+    assert again.exit_code == 0, again.output + again.stderr
+    assert "2 runs planned, 0 already in the store, 2 trained (0 failed or diverged)" in again.output
+    with SQLiteStore(store_path, create=False) as store:
+        records = store.records(r for r, _v, _s in store.plan("slowpoke"))
+    assert [r.status.value for r in records] == ["done", "done"]
+    assert {r.versions["keras_backend"] for r in records} == {backend}

@@ -14,7 +14,7 @@ import pytest
 
 from harness.store import SQLiteStore
 
-from conftest import write_sweep
+from conftest import backend_params, write_sweep
 
 SWEEP = """
 schema_version: 1
@@ -60,10 +60,11 @@ def harness(*args: str, data_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("backend", backend_params())
+def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(backend: str, tmp_path: Path, data_dir: Path) -> None:
     sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
     store = tmp_path / "h.db"
-    proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    proc = harness("sweep", str(sweep), "--store", str(store), "--keras-backend", backend, data_dir=data_dir)
     wait_for_finished(store, proc, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -74,7 +75,7 @@ def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_pa
     killed_at = len(survivors)
     assert 2 <= killed_at < 6, "the kill must land mid-sweep"
 
-    resumed = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    resumed = harness("sweep", str(sweep), "--store", str(store), "--keras-backend", backend, data_dir=data_dir)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"6 runs planned, {killed_at} already in the store, {6 - killed_at} trained" in out
@@ -85,6 +86,7 @@ def test_sigkill_loses_no_finished_run_and_resume_trains_exactly_the_rest(tmp_pa
         assert len(records) == 6 and all(r.status.value == "done" for r in records)
         assert sorted(r.seed for r in records) == list(range(6))
         assert all(s.attempts(r.run_id) == 1 for r in records), "a run was trained twice"
+        assert {r.budget["keras_backend"] for r in records} == {r.versions["keras_backend"] for r in records} == {backend}
         for run_id, before in survivors.items():
             assert s.get(run_id) == before  # the finished runs were kept as they were
 

@@ -123,3 +123,6 @@ def test_fit_options_cut_round_trips_without_changing_batches() -> None:
     assert train.fit_options(batch_size=64, n_fit=640).steps_per_execution == 10  # never more than an epoch
     assert train.fit_options(batch_size=32, n_fit=100).eval_batch_size == train.EVAL_BATCH_SIZE
     assert train.fit_options(batch_size=4096, n_fit=100).eval_batch_size == 4096
+    even = train.fit_options(batch_size=32, n_fit=54000, n_val=6000, n_test=10000)
+    assert (even.validation_batch_size, even.test_batch_size) == (2000, 2000)  # one batch shape each
+    assert train.fit_options(batch_size=32, n_fit=100, n_val=0, n_test=500).test_batch_size == 500
