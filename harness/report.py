@@ -368,10 +368,9 @@ def write_export(store: ResultStore, sweep: str, *, out: str | Path | None = Non
 
 def status_rows(store: ResultStore) -> list[dict[str, Any]]:
     """Per sweep: planned, done, diverged, failed, running (claimed by a live sweep now), pending."""
-    import time
+    from harness.leases import claim_states
 
-    now = time.time()
-    live = {run_id for run_id, (_owner, expires) in store.claims().items() if expires > now}
+    live = {claim.run_id for claim in claim_states(store) if claim.is_live}
     rows = []
     for sweep in store.sweeps():
         plan = store.plan(sweep)

@@ -7,17 +7,14 @@ implementation (`results/harness.db`). The schema carries a version; a mismatch 
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
-import os
-import socket
 import sqlite3
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from harness.errors import StoreError
+from harness.leases import Claim, Liveness, make_owner, owner_alive, owner_liveness  # noqa: F401 - re-exported
 from harness.records import RunRecord, RunStatus, utcnow
 
 SCHEMA_VERSION = 1
@@ -63,33 +60,6 @@ CREATE INDEX IF NOT EXISTS runs_by_variant ON runs (variant_id);
 """
 
 
-def make_owner() -> str:
-    """A claim owner id: host, pid and a random tag (`host:pid:tag`)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_alive(owner: str) -> bool:
-    """False when the owner is a process on this host that no longer exists (its claims are stale
-    at once, no need to wait for the lease); True when alive or not ours to check."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Claim(enum.Enum):
-    CLAIMED = "claimed"  # this owner may train the run now
-    HELD = "held"  # another live owner is training it
-    FINISHED = "finished"  # someone already stored a finished result
-
-
 class ResultStore(Protocol):
     """What the scheduler, the aggregator and the report need from a store."""
 
@@ -111,7 +81,11 @@ class ResultStore(Protocol):
 
     def sweeps(self) -> list[str]: ...
 
-    def claim(self, run_id: str, *, owner: str, lease_s: float) -> Claim: ...
+    def claim(
+        self, run_id: str, *, owner: str, lease_s: float, takeover: tuple[str, float] | None = None
+    ) -> Claim: ...
+
+    def claim_holder(self, run_id: str) -> tuple[str, float] | None: ...
 
     def renew(self, run_ids: Iterable[str], *, owner: str, lease_s: float) -> None: ...
 
@@ -243,27 +217,35 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ claims
 
-    def claim(self, run_id: str, *, owner: str, lease_s: float) -> Claim:
-        """Claim a run for `owner` for `lease_s` seconds, unless it is finished or claimed by a live owner.
+    def claim(
+        self, run_id: str, *, owner: str, lease_s: float, takeover: tuple[str, float] | None = None
+    ) -> Claim:
+        """Claim a run for `owner` for `lease_s` seconds, unless it is finished or claimed by another owner.
 
-        Two sweeps on one store thus never train the same run at once. The claim of a process that
-        died is stale: at once when it ran on this host, when its lease expires otherwise.
+        Another owner's claim is taken over only when that owner is provably dead
+        (`leases.owner_liveness`) or when it is exactly the row `takeover` (owner, expires_at) that
+        the caller has watched go stale (`leases.LeaseKeeper`): a compare-and-swap, so two sweeps
+        never both win one claim, whatever their clocks say.
         """
-        now = time.time()
         with self._transaction():
             row = self._conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is not None and RunStatus(row[0]).is_finished():
                 return Claim.FINISHED
-            held = self._conn.execute(
-                "SELECT owner FROM claims WHERE run_id = ? AND expires_at > ? AND owner != ?", (run_id, now, owner)
-            ).fetchone()
-            if held is not None and owner_alive(held[0]):
-                return Claim.HELD
+            held = self._conn.execute("SELECT owner, expires_at FROM claims WHERE run_id = ?", (run_id,)).fetchone()
+            if held is not None and held[0] != owner:
+                swapped = takeover is not None and (held[0], float(held[1])) == (takeover[0], float(takeover[1]))
+                if not swapped and owner_liveness(held[0]) is not Liveness.DEAD:
+                    return Claim.HELD
             self._conn.execute(
                 "INSERT OR REPLACE INTO claims (run_id, owner, expires_at) VALUES (?, ?, ?)",
-                (run_id, owner, now + lease_s),
+                (run_id, owner, time.time() + lease_s),
             )
             return Claim.CLAIMED
+
+    def claim_holder(self, run_id: str) -> tuple[str, float] | None:
+        """(owner, expires_at) of the run's claim, if any."""
+        row = self._conn.execute("SELECT owner, expires_at FROM claims WHERE run_id = ?", (run_id,)).fetchone()
+        return (row[0], float(row[1])) if row else None
 
     def renew(self, run_ids: Iterable[str], *, owner: str, lease_s: float) -> None:
         ids = list(run_ids)

@@ -92,32 +92,43 @@ def test_missing_store_without_create(tmp_path: Path) -> None:
     assert not (tmp_path / "none.db").exists()
 
 
-def test_claims_block_others_until_released_or_expired(store: SQLiteStore) -> None:
-    from harness.store import Claim
+def test_claims_block_others_until_released_or_taken_over(store: SQLiteStore) -> None:
+    from harness.store import Claim, make_owner
 
-    alive = f"{__import__('socket').gethostname()}:{__import__('os').getpid()}:a"
+    alive = make_owner()
     assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED
     assert store.claim("r1", owner="elsewhere:1:b", lease_s=60) is Claim.HELD
     assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED  # re-entrant for its owner
     store.release(["r1"], owner=alive)
-    assert store.claim("r1", owner="elsewhere:1:b", lease_s=-1) is Claim.CLAIMED  # expired at once
-    assert store.claim("r1", owner=alive, lease_s=60) is Claim.CLAIMED
+    assert store.claim("r1", owner="elsewhere:1:b", lease_s=-1) is Claim.CLAIMED
+    # an expiry in the past by our clock is not enough (the owner's clock may differ)...
+    assert store.claim("r1", owner=alive, lease_s=60) is Claim.HELD
+    # ...only a compare-and-swap of exactly the row the caller watched go stale
+    holder = store.claim_holder("r1")
+    assert store.claim("r1", owner=alive, lease_s=60, takeover=("elsewhere:1:b", holder[1] + 1)) is Claim.HELD
+    assert store.claim("r1", owner=alive, lease_s=60, takeover=holder) is Claim.CLAIMED
     store.put(make_record())
     assert store.claims() == {} and store.claim("r1", owner="elsewhere:1:b", lease_s=60) is Claim.FINISHED
 
 
-def test_claim_of_a_dead_local_process_is_stale_at_once(store: SQLiteStore) -> None:
-    import socket
+def test_claim_of_a_dead_process_of_this_namespace_is_stale_at_once(store: SQLiteStore) -> None:
+    import dataclasses
     import subprocess
     import sys
 
+    from harness.leases import Owner
     from harness.store import Claim
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_owner = f"{socket.gethostname()}:{int(gone.stdout)}:x"
+    dead_owner = str(dataclasses.replace(Owner.current(), pid=int(gone.stdout)))
     assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.CLAIMED
     assert store.claim("r1", owner="remote-host:1:y", lease_s=60) is Claim.CLAIMED
     assert store.claim("r1", owner=dead_owner, lease_s=3600) is Claim.HELD  # remote owner: trust its lease
+    # the same pid in another PID namespace (a container with the same host name) is not ours to probe
+    other_ns = str(dataclasses.replace(Owner.current(), pid=int(gone.stdout), pid_ns="pid4026599999"))
+    store.release(["r1"], owner="remote-host:1:y")
+    assert store.claim("r1", owner=other_ns, lease_s=3600) is Claim.CLAIMED
+    assert store.claim("r1", owner="remote-host:1:y", lease_s=60) is Claim.HELD
 
 
 def test_partial_plan_merges_with_the_rest_of_the_sweep(store: SQLiteStore) -> None:
