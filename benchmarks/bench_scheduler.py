@@ -6,7 +6,8 @@ Work: 8 runs of an MLP 784-256-256-10 (4 variants x 2 seeds: dropout 0 / 0.2, ad
 1. the sequential loop of the notebooks: one process, build / compile / fit / evaluate per run;
 2. KerasTuner GridSearch over the same 4 variants with executions_per_trial=2 (it keeps only the
    mean of the two executions);
-3. `harness sweep` with its defaults (worker processes packed on the cores, every run stored).
+3. `harness.execute.execute_sweep` with its defaults, the call behind `harness sweep` (worker
+   processes packed on the cores, every run stored).
 
 Each way runs in a fresh Python process (TensorFlow import included) and is timed from outside.
 
@@ -96,6 +97,18 @@ SWEEP = textwrap.dedent(
 )
 
 
+HARNESS = textwrap.dedent(
+    """
+    import sys
+    from harness.execute import SweepOptions, execute_sweep
+    from harness.spec import load_sweep
+
+    outcome = execute_sweep(load_sweep(sys.argv[1]), SweepOptions(store=sys.argv[2]), notify=print)
+    assert outcome.trained == {runs} and not outcome.failed, outcome
+    """
+)
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -135,9 +148,9 @@ def main() -> None:
             sweep = tmp_path / "bench.yaml"
             sweep.write_text(SWEEP.format(epochs=args.epochs, seeds=len(SEEDS)))
             store = tmp_path / f"bench{round_}.db"
-            harness = [sys.executable, "-m", "harness", "sweep", str(sweep), "--store", str(store)]
+            harness = [sys.executable, "-c", HARNESS.format(runs=runs), str(sweep), str(store)]
             seconds, output = timed(harness, env)
-            times.setdefault("harness sweep (defaults)", []).append(seconds)
+            times.setdefault("harness execute_sweep (defaults)", []).append(seconds)
             found = re.search(r"workers: (\d+)", output)
             workers = found.group(1) if found else "?"
             found = re.search(r"scheduler overhead per run: mean ([\d.]+) s", output)

@@ -1,16 +1,20 @@
 """Thin click CLI: parse, call one plain function, map user errors to one line and exit code 2.
 
 Only this module decides exit codes: 0 ok, 1 some runs failed (sweep) or a regression (regress),
-2 bad input, 130 interrupted.
+2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). SIGTERM is handled exactly as
+Ctrl-C: workers stopped, claims of unfinished runs released, finished runs kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -21,16 +25,42 @@ from harness.store import DEFAULT_STORE
 EXIT_RUNS_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so it unwinds exactly as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except UserError as exc:
             click.echo(f"harness: error: {exc.one_line()}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except Terminated:
+            click.echo("harness: terminated (SIGTERM); finished runs are stored, re-run to resume", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("harness: interrupted; finished runs are stored, re-run to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -93,6 +123,8 @@ def cli() -> None:
 @click.option("--keras-backend", type=click.Choice(["tensorflow", "jax", "torch", "auto"]), default=None,
               help="Keras backend of every variant (default: the sweep's budget.keras_backend, else "
                    "$KERAS_BACKEND, else tensorflow); auto: the fastest measured by `harness calibrate`.")
+@click.option("--fuse", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Train K runs of a variant together in one worker (default: auto).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and train nothing.")
 @_user_errors
 def sweep(
@@ -112,98 +144,38 @@ def sweep(
     threads: int | None,
     in_process: bool,
     keras_backend: str | None,
+    fuse: int | None,
     dry_run: bool,
 ) -> None:
     """Train every variant x seed of SWEEP_FILE that the store does not hold yet."""
-    from harness.backends import share_workers, use_backend_in_process
-    from harness.devices import available_memory_gib, detect_gpus, parse_gpu_list, plan_workers
-    from harness.plan import BackendContext, sweep_backends
+    from harness.devices import parse_gpu_list
+    from harness.execute import ExecutorKind, SweepOptions, describe_sweep, execute_sweep
     from harness.spec import load_sweep, parse_subset
-    from harness.store import SQLiteStore
-    from harness.sweep import format_plan, pending_runs, prepare_sweep, run_sweep
 
     spec = load_sweep(sweep_file).with_overrides(
         seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None, only=only,
         keras_backend=keras_backend,
     )
-    use_gpus = parse_gpu_list(gpus) if gpus is not None else None
-    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    detected = detect_gpus() if use_gpus != [] else []
-    on_gpu = bool(detected)
-    context = BackendContext(device_kind="gpu" if on_gpu else "cpu", calibration=_calibration(store_path, on_gpu))
-    backends = sweep_backends(spec, context)  # a missing backend is an error here, before anything starts
-    first_backend = max(backends, key=backends.__getitem__)
-
-    def worker_slots(pending: int):
-        slots = plan_workers(
-            gpus=detected, pending=pending, cpu_count=cpu_count, use_gpus=use_gpus, runs_per_gpu=runs_per_gpu,
-            workers=workers, threads=threads, memory_gib=available_memory_gib(), backend=first_backend,
-            deterministic=spec.deterministic,
-        )
-        return [slot.for_backend(b) for slot, b in zip(slots, share_workers(backends, len(slots)))]
-
-    if in_process and not dry_run:
-        use_backend_in_process(backends)  # KERAS_BACKEND before Keras is imported here
-
+    options = SweepOptions(
+        store=store_path, data_dir=data_dir, executor=ExecutorKind.INLINE if in_process else ExecutorKind.POOL,
+        rerun_failed=rerun_failed, retries=retries, timeout_s=timeout_s, fuse=fuse,
+        gpus=tuple(parse_gpu_list(gpus)) if gpus is not None else None, runs_per_gpu=runs_per_gpu,
+        workers=workers, threads=threads,
+    )
+    note = functools.partial(click.echo, err=True)
     if dry_run:
         if any(v.model.builder for v in spec.variants):
-            click.echo("note: building the builder models to count their parameters (imports TensorFlow and runs "
-                       "the builder code in this process)", err=True)
-        prepared = prepare_sweep(spec, data_dir=data_dir, build_builders=True, backends=context)
-        _note_shared(prepared)
-        store = SQLiteStore(store_path, create=False) if store_path.exists() else None
-        pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed) if store else prepared.runs
-        click.echo(format_plan(prepared, store))
-        click.echo(_describe_slots(worker_slots(len(pending)), in_process))
+            note("note: building the builder models to count their parameters (imports TensorFlow and runs "
+                 "the builder code in this process)")
+        click.echo(describe_sweep(spec, options, notify=note))
         return
-
-    from harness.data import configured_data_dir
-    from harness.scheduler import DataSource, WorkerPool
-
-    folder = configured_data_dir(data_dir)
-    source = DataSource(ref=spec.dataset, subset=spec.subset, data_dir=str(folder) if folder else None)
-    pool = None
-    if not in_process and not _sweep_in_store(store_path, spec.name):
-        # A new sweep: every run is pending, so start the workers now; they import TensorFlow and
-        # load the data while this process plans the sweep.
-        pool = WorkerPool(worker_slots(len(spec.variants) * len(spec.seeds)), source=source, timeout_s=timeout_s)
-        pool.start()
-    try:
-        prepared = prepare_sweep(spec, data_dir=data_dir, backends=context)
-        _note_shared(prepared)
-        with SQLiteStore(store_path) as store:
-            pending = pending_runs(prepared.runs, store, rerun_failed=rerun_failed)
-            if pool is None and pending and not in_process:
-                pool = WorkerPool(worker_slots(len(pending)), source=source, timeout_s=timeout_s)
-            if pool is not None:
-                click.echo(_describe_slots(pool.slots, in_process), err=True)
-            outcome = run_sweep(prepared, store=store, rerun_failed=rerun_failed, retries=retries, pool=pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    if pool is not None and outcome.trained:
-        click.echo(pool.stats.describe(), err=True)
+    outcome = execute_sweep(spec, options, notify=note)
     click.echo(
         f"sweep {spec.name}: {outcome.planned} runs planned, {outcome.skipped} already in the store, "
         f"{outcome.trained} trained ({outcome.failed} failed or diverged); store {store_path}"
     )
-    stored = {r.run_id: r for r in outcome.records}  # the last attempt of each run
-    if any(r.status.value == "failed" for r in stored.values()):
+    if outcome.has_failed_runs:
         sys.exit(EXIT_RUNS_FAILED)
-
-
-def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
-    """`harness calibrate`'s per-backend step timings for this device kind, if the store has them."""
-    if not store_path.exists():
-        return None
-    from harness.backends import calibration_key
-    from harness.store import SQLiteStore
-
-    try:
-        with SQLiteStore(store_path, create=False) as store:
-            return store.get_meta(calibration_key("gpu" if on_gpu else "cpu"))
-    except Exception:  # noqa: BLE001 - an unreadable store is reported when the sweep opens it
-        return None
 
 
 @cli.command()
@@ -272,35 +244,6 @@ def tune(
     click.echo(f"wrote {path}; training its {min(top, len(result.trials))} variants over seeds {list(spec.seeds)}")
     ctx.invoke(sweep, sweep_file=path, store_path=store_path, data_dir=data_dir, workers=workers, threads=threads,
                in_process=in_process)
-
-
-def _note_shared(prepared) -> None:
-    from harness.sweep import shared_runs
-
-    for first, second in shared_runs(prepared.runs):
-        click.echo(
-            f"note: variants '{first}' and '{second}' are the same runs with these options; "
-            "each is trained once and reported under both names",
-            err=True,
-        )
-
-
-def _sweep_in_store(store_path: Path, name: str) -> bool:
-    if not store_path.exists():
-        return False
-    from harness.store import SQLiteStore
-
-    with SQLiteStore(store_path, create=False) as store:
-        return store.sweep_info(name) is not None
-
-
-def _describe_slots(slots, in_process: bool) -> str:
-    if in_process:
-        return "workers: none (training in this process)"
-    kinds = ", ".join(
-        f"{s.name} ({s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}, {s.backend})" for s in slots
-    )
-    return f"workers: {len(slots)}: {kinds}"
 
 
 @cli.command()
@@ -421,21 +364,32 @@ def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: f
 @store_option
 @_user_errors
 def status(store_path: Path) -> None:
-    """Per sweep: runs done / diverged / failed / running / pending."""
+    """Per sweep: runs done / diverged / failed / running / pending; then the claims, live or stale."""
+    from harness.leases import claim_states
     from harness.report import status_rows
     from harness.store import SQLiteStore
 
     with SQLiteStore(store_path, create=False) as store:
         rows = status_rows(store)
+        claims = claim_states(store)
     if not rows:
         click.echo("no sweeps in the store yet")
-        return
-    click.echo(f"{'sweep':<28} {'planned':>8} {'done':>6} {'diverged':>9} {'failed':>7} {'running':>8} {'pending':>8}")
+    else:
+        click.echo(f"{'sweep':<28} {'planned':>8} {'done':>6} {'diverged':>9} {'failed':>7} {'running':>8} {'pending':>8}")
     for row in rows:
         click.echo(
             f"{row['sweep']:<28} {row['planned']:>8} {row['done']:>6} {row['diverged']:>9} "
             f"{row['failed']:>7} {row['running']:>8} {row['pending']:>8}"
         )
+    if claims:
+        live = sum(1 for c in claims if c.is_live)
+        click.echo(f"\nclaims: {live} live, {len(claims) - live} stale (owner gone or lease not renewed: "
+                   "the next sweep takes it over)")
+        click.echo(f"{'run':<22} {'state':<6} {'why':<48} owner (host:pid:tag:pidns:boot)")
+        for claim in claims[:50]:
+            click.echo(f"{claim.run_id:<22} {claim.state.value:<6} {claim.reason:<48} {claim.owner}")
+        if len(claims) > 50:
+            click.echo(f"... and {len(claims) - 50} more")
 
 
 @cli.command()

@@ -1,4 +1,6 @@
-"""Run a sweep: plan it, skip what the store already holds, train the rest, store each result."""
+"""Prepare a sweep: load its data, plan its runs, say what the store holds, show progress.
+
+`harness.execute.execute_sweep` runs it."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from harness.data import Dataset, configured_data_dir, load_dataset
 from harness.plan import BackendContext, PlannedRun, build_plan
@@ -15,10 +17,6 @@ from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
 from harness.store import ResultStore
 
-if TYPE_CHECKING:
-    from harness.scheduler import WorkerPool
-
-TrainFn = Callable[[PlannedRun, Dataset], RunRecord]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,21 +25,6 @@ class PreparedSweep:
     dataset: Dataset
     runs: tuple[PlannedRun, ...]
     data_dir: str | None = None  # the resolved data folder, for worker processes to load the same data
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepOutcome:
-    planned: int
-    skipped: int
-    records: tuple[RunRecord, ...]
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for r in self.records if r.status.is_failure())
-
-    @property
-    def trained(self) -> int:
-        return len(self.records)
 
 
 def prepare_sweep(
@@ -218,6 +201,15 @@ class Progress:
             f"{result} ({record.timings.get('wall_s', 0):.1f}s) | {self.counts()}"
         )
 
+    def retried(self, record: RunRecord, attempt: int, retries: int) -> None:
+        """A run failed and is queued again (`--retries`): not counted until its last attempt."""
+        device, _run = self.running.pop(record.run_id, ("", None))
+        last = (record.error or "").strip().splitlines()[-1:] or [""]
+        self._write(
+            f"  {device + ': ' if device else ''}{record.variant} seed={record.seed}: FAILED, retry {attempt}/{retries}: "
+            f"{last[0][:120]}"
+        )
+
     def counts(self) -> str:
         finished = self.done + self.failed
         eta = self.eta_s()
@@ -273,82 +265,3 @@ def _fmt_duration(seconds: float) -> str:
 def order_longest_first(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
     """Longest expected runs first (estimated training FLOPs), so no long run starts last."""
     return sorted(runs, key=lambda r: -r.estimated_train_flops)
-
-
-def run_inline(
-    runs: Sequence[PlannedRun],
-    *,
-    store: ResultStore,
-    dataset: Dataset,
-    train_fn: TrainFn,
-    retries: int = 0,
-    progress: Progress,
-) -> list[RunRecord]:
-    """Train in this process, one run after another (debugging, tests with a fake train function)."""
-    from harness.store import Claim, make_owner
-
-    owner = make_owner()
-    records = []
-    for run in runs:
-        for _attempt in range(retries + 1):
-            claim = store.claim(run.run_id, owner=owner, lease_s=24 * 3600)
-            if claim is not Claim.CLAIMED:
-                break
-            progress.started(run)
-            try:
-                record = train_fn(run, dataset)
-            except BaseException:
-                store.release([run.run_id], owner=owner)
-                raise
-            store.put(record)
-            records.append(record)
-            progress.finished(record)
-            if record.status is not RunStatus.FAILED:
-                break
-    return records
-
-
-def run_sweep(
-    prepared: PreparedSweep,
-    *,
-    store: ResultStore,
-    rerun_failed: bool = False,
-    retries: int = 0,
-    train_fn: TrainFn | None = None,
-    pool: "WorkerPool | None" = None,
-    progress: Progress | None = None,
-) -> SweepOutcome:
-    """Train every planned run the store does not already hold, longest first, storing each as it ends.
-
-    With `pool`, runs go to worker processes; otherwise they train in this process with `train_fn`
-    (default: `harness.train.train_run`).
-    """
-    store.save_plan(
-        prepared.spec.name,
-        source=prepared.spec.source,
-        info=sweep_info(prepared),
-        runs=[(r.run_id, r.variant.name, r.seed) for r in prepared.runs],
-        merge=prepared.spec.partial,
-    )
-    todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=rerun_failed))
-    progress = progress or Progress(todo)
-    try:
-        if pool is not None:
-            records = pool.run(
-                todo,
-                store,
-                retries=retries,
-                on_start=lambda run, slot: progress.started(run, slot.name),
-                on_record=progress.finished,
-                on_tick=progress.tick,
-            )
-        else:
-            if train_fn is None:
-                from harness.train import train_run as train_fn  # TensorFlow only now
-            records = run_inline(
-                todo, store=store, dataset=prepared.dataset, train_fn=train_fn, retries=retries, progress=progress
-            )
-    finally:
-        progress.close()
-    distinct = len({run.run_id for run in prepared.runs})
-    return SweepOutcome(planned=distinct, skipped=distinct - len(todo), records=tuple(records))

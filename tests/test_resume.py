@@ -112,3 +112,26 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path: Path, data_dir: 
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"{kept} already in the store, {6 - kept} trained" in out
+
+
+@pytest.mark.slow
+def test_sigterm_is_ctrl_c_for_a_real_sweep(tmp_path: Path, data_dir: Path) -> None:
+    sweep = write_sweep(tmp_path / "crashy.yaml", SWEEP)
+    store = tmp_path / "h.db"
+    proc = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    wait_for_finished(store, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+
+    with SQLiteStore(store, create=False) as s:
+        statuses = s.statuses(r for r, _v, _s in s.plan("crashy"))
+        assert statuses and all(v.value == "done" for v in statuses.values())
+        assert s.claims() == {}
+    kept = len(statuses)
+
+    resumed = harness("sweep", str(sweep), "--store", str(store), data_dir=data_dir)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"{kept} already in the store, {6 - kept} trained" in out

@@ -10,7 +10,9 @@ from harness.plan import PlannedRun
 from harness.records import RunRecord, RunStatus
 from harness.spec import load_sweep
 from harness.store import SQLiteStore
-from harness.sweep import Progress, format_plan, pending_runs, prepare_sweep, run_sweep
+from harness.execute import SweepOptions, run_sweep as run_with
+from harness.executor import InlineExecutor
+from harness.sweep import Progress, format_plan, pending_runs, prepare_sweep
 
 from conftest import tiny_sweep_text, write_sweep
 
@@ -41,6 +43,12 @@ def prepared(tmp_path: Path, data_dir: Path):
 
 def quiet() -> Progress:
     return Progress((), stream=io.StringIO())
+
+
+def run_sweep(prepared, *, store, train_fn, progress=None, **options):
+    """The sweep routine with a fake per-run train function, in this process."""
+    executor = InlineExecutor(prepared.dataset, train=train_fn, per_run=True)
+    return run_with(prepared, store=store, executor=executor, options=SweepOptions(**options), progress=progress)
 
 
 def test_plan_is_variant_times_seed_with_unique_ids(prepared) -> None:

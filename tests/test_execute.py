@@ -1,0 +1,288 @@
+"""The one sweep routine (harness/execute.py): claim -> dispatch -> record -> store -> retry.
+
+Event logic is checked on the routine's recorded event order with an injected clock: the inline
+executor's idle wait advances the fake clock, and a scripted executor stands in for workers only
+where the point is how the routine reacts to what workers report (lost groups, timeouts).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from harness.execute import SweepOptions, form_groups, order_groups, run_sweep
+from harness.executor import GroupStarted, InlineExecutor, RecordsReturned
+from harness.leases import Claim, LeaseKeeper
+from harness.plan import PlannedRun
+from harness.records import RunStatus
+from harness.spec import load_sweep
+from harness.store import SQLiteStore
+from harness.sweep import Progress, prepare_sweep
+
+from conftest import tiny_sweep_text, write_sweep
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Trainer:
+    """Per-run fake: records calls; fails (variant, seed) pairs the first `fail_times` times."""
+
+    def __init__(self, fail: set[tuple[str, int]] = frozenset(), fail_times: int = 1, clock: FakeClock | None = None,
+                 takes_s: float = 0.0) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail = {key: fail_times for key in fail}
+        self.clock, self.takes_s = clock, takes_s
+
+    def __call__(self, run: PlannedRun, dataset):
+        key = (run.variant.name, run.seed)
+        self.calls.append(key)
+        if self.clock is not None:
+            self.clock.advance(self.takes_s)
+        if self.fail.get(key, 0) > 0:
+            self.fail[key] -= 1
+            return run.record(RunStatus.FAILED, error="Traceback...\nRuntimeError: transient")
+        return run.record(RunStatus.DONE, metrics={"test_accuracy": 0.9}, timings={"wall_s": 0.01})
+
+
+@pytest.fixture()
+def prepared(tmp_path: Path, data_dir: Path):
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=3, train=300, test=100)))
+    return prepare_sweep(spec, data_dir=data_dir)
+
+
+def quiet() -> Progress:
+    return Progress((), stream=io.StringIO())
+
+
+def inline(prepared, trainer, clock: FakeClock | None = None) -> InlineExecutor:
+    sleep = clock.advance if clock is not None else (lambda _s: None)
+    return InlineExecutor(prepared.dataset, train=trainer, per_run=True, sleep=sleep)
+
+
+def kinds(trace, *names):
+    return [event for event in trace if event[0] in names]
+
+
+def test_a_retried_run_is_recorded_claimed_again_and_counted_once(prepared, tmp_path: Path) -> None:
+    trainer = Trainer(fail={("mlp_32", 1)})
+    trace: list[tuple] = []
+    with SQLiteStore(tmp_path / "h.db") as store:
+        outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(retries=2),
+                            progress=quiet(), trace=trace)
+        assert store.attempts(prepared.runs[1].run_id) == 2 and store.claims() == {}
+    target = prepared.runs[1].run_id
+    mine = [e for e in trace if target in e or (e[0] == "submit" and target in e[2])]
+    assert [e[0] for e in mine] == ["claim", "submit", "record", "claim", "submit", "record"]
+    assert mine[2][2] == "failed" and mine[5][2] == "done"
+    assert outcome.trained == 6 and outcome.failed == 0 and outcome.attempts == 7
+    assert trainer.calls.count(("mlp_32", 1)) == 2
+
+
+def test_retries_stop_after_n_and_the_last_record_counts(prepared, tmp_path: Path) -> None:
+    trainer = Trainer(fail={("cnn_8", 0)}, fail_times=5)
+    with SQLiteStore(tmp_path / "h.db") as store:
+        outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(retries=1),
+                            progress=quiet())
+    assert trainer.calls.count(("cnn_8", 0)) == 2
+    assert outcome.trained == 6 and outcome.failed == 1 and outcome.has_failed_runs and outcome.attempts == 7
+
+
+def test_a_run_held_by_a_live_sweep_waits_and_is_taken_once_its_lease_stops(prepared, tmp_path: Path) -> None:
+    clock = FakeClock()
+    held = prepared.runs[0]
+    trace: list[tuple] = []
+    with SQLiteStore(tmp_path / "h.db") as store:
+        other = LeaseKeeper(owner="other-host:7:x:pid9:b00t", lease_s=30, clock=clock)
+        assert other.claim(store, held.run_id) is Claim.CLAIMED
+        keeper = LeaseKeeper(lease_s=30, clock=clock)
+        run_sweep(prepared, store=store, executor=inline(prepared, Trainer(), clock), keeper=keeper,
+                  options=SweepOptions(lease_s=30), progress=quiet(), clock=clock, trace=trace)
+        assert store.statuses([held.run_id]) == {held.run_id: RunStatus.DONE}
+    claims = [(e[2], e) for e in kinds(trace, "claim") if e[1] == held.run_id]
+    assert claims[0][0] == "held" and claims[-1][0] == "claimed"
+    assert [c for c, _e in claims].count("claimed") == 1
+    records = [e[1] for e in kinds(trace, "record")]
+    assert records[-1] == held.run_id and len(records) == 6  # the others did not wait for it
+    assert clock.now >= 30  # taken over only after a whole lease without renewal (fake time)
+
+
+def test_a_run_another_sweep_finishes_meanwhile_is_not_trained(prepared, tmp_path: Path) -> None:
+    clock = FakeClock()
+    held = prepared.runs[0]
+    with SQLiteStore(tmp_path / "h.db") as store:
+        other = LeaseKeeper(owner="other-host:7:x:pid9:b00t", lease_s=30, clock=clock)
+        other.claim(store, held.run_id)
+
+        def sleep(seconds: float) -> None:  # the other sweep renews, then stores its result
+            clock.advance(seconds)
+            other.renew(store)
+            if clock.now > 20 and store.get(held.run_id) is None:
+                store.put(held.record(RunStatus.DONE, metrics={"test_accuracy": 0.5}))
+
+        trainer = Trainer()
+        executor = InlineExecutor(prepared.dataset, train=trainer, per_run=True, sleep=sleep)
+        outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(lease_s=30),
+                            keeper=LeaseKeeper(lease_s=30, clock=clock), progress=quiet(), clock=clock)
+    assert (held.variant.name, held.seed) not in trainer.calls
+    assert outcome.trained == 5 and outcome.finished_elsewhere == 1
+
+
+def test_groups_are_formed_from_pending_runs_of_one_variant(prepared, tmp_path: Path) -> None:
+    """Resume trains exactly the missing seeds, fused or not."""
+    with SQLiteStore(tmp_path / "h.db") as store:
+        store.put(prepared.runs[1].record(RunStatus.DONE, metrics={"test_accuracy": 0.9}))  # mlp_32 seed 1
+        trace: list[tuple] = []
+        trainer = Trainer()
+        outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(fuse=3),
+                            progress=quiet(), trace=trace)
+    groups = [tuple(e[2]) for e in kinds(trace, "submit")]
+    by_id = {r.run_id: (r.variant.name, r.seed) for r in prepared.runs}
+    named = sorted(tuple(by_id[i] for i in g) for g in groups)
+    assert named == [(("cnn_8", 0), ("cnn_8", 1), ("cnn_8", 2)), (("mlp_32", 0), ("mlp_32", 2))]
+    assert outcome.skipped == 1 and outcome.trained == 5 and ("mlp_32", 1) not in trainer.calls
+
+
+def test_groups_run_longest_first_and_one_backend_after_the_other(prepared) -> None:
+    import dataclasses
+
+    jax = dataclasses.replace(prepared.runs[0].backend, backend="jax")
+    runs = [dataclasses.replace(r, backend=jax) if r.variant.name == "mlp_32" and r.seed == 2 else r for r in prepared.runs]
+    ordered = order_groups(form_groups(runs, 2))
+    backends = [g[0].backend.backend for g in ordered]
+    assert backends == sorted(backends, key=lambda b: b == "jax")  # the backend with most runs first
+    tf_groups = [g for g in ordered if g[0].backend.backend == "tensorflow"]
+    flops = [sum(r.estimated_train_flops for r in g) for g in tf_groups]
+    assert flops == sorted(flops, reverse=True) and tf_groups[0][0].variant.name == "cnn_8"
+    assert all(len({(r.variant.name, r.backend.backend) for r in g}) == 1 and len(g) <= 2 for g in ordered)
+
+
+def test_ctrl_c_releases_the_claims_and_records_nothing_half_done(prepared, tmp_path: Path) -> None:
+    class Interrupting(Trainer):
+        def __call__(self, run, dataset):
+            if len(self.calls) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(run, dataset)
+
+    trace: list[tuple] = []
+    with SQLiteStore(tmp_path / "h.db") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(prepared, store=store, executor=inline(prepared, Interrupting()), options=SweepOptions(fuse=2),
+                      progress=quiet(), trace=trace)
+        assert store.claims() == {}
+        statuses = store.statuses(r.run_id for r in prepared.runs)
+    assert list(statuses.values()) == [RunStatus.DONE, RunStatus.DONE]  # the first group of two, stored
+    assert trace[-1][0] == "interrupted" and len(trace[-1][1]) >= 1  # it held the next group's claims
+
+
+class ScriptedExecutor:
+    """Plays back what workers would report; records what the routine asks of it."""
+
+    def __init__(self, clock: FakeClock, *, hang: set[int] = frozenset(), lose: set[int] = frozenset()) -> None:
+        self.clock, self.hang, self.lose = clock, set(hang), set(lose)
+        self.submitted: list = []
+        self.cancelled: list[int] = []
+        self.pending: list = []
+        self.busy: set[int] = set()
+        self.stopped = False
+
+    def start(self) -> None: ...
+    def describe(self) -> str: return "scripted"
+    def summary(self): return None
+    def shutdown(self) -> None: self.stopped = True
+
+    def idle_backends(self):
+        return [None] if len(self.busy) < 2 else []
+
+    def submit(self, group) -> None:
+        self.submitted.append(group)
+        self.busy.add(group.group_id)
+        self.pending.append(group)
+
+    def cancel(self, group_id: int) -> None:
+        self.cancelled.append(group_id)
+        self.busy.discard(group_id)
+
+    def poll(self, timeout_s: float):
+        from harness.executor import GroupLost
+
+        self.clock.advance(timeout_s)
+        events = []
+        for group in self.pending:
+            events.append(GroupStarted(group.group_id, f"w{group.group_id}", "cpu"))
+            if group.group_id in self.lose:
+                events.append(GroupLost(group.group_id, "worker process w died (signal SIGKILL)"))
+                self.busy.discard(group.group_id)
+            elif group.group_id not in self.hang:
+                records = tuple(r.record(RunStatus.DONE, metrics={"test_accuracy": 0.9}) for r in group.runs)
+                events.append(RecordsReturned(group.group_id, records))
+                self.busy.discard(group.group_id)
+        self.pending = []
+        return events
+
+
+def test_a_group_past_its_timeout_is_cancelled_then_failed_with_the_cause(prepared, tmp_path: Path) -> None:
+    clock = FakeClock()
+    executor = ScriptedExecutor(clock, hang={1})
+    trace: list[tuple] = []
+    with SQLiteStore(tmp_path / "h.db") as store:
+        outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(timeout_s=10, fuse=3),
+                            progress=quiet(), clock=clock, trace=trace)
+        records = {r.run_id: r for r in outcome.records}
+        hung = executor.submitted[0]
+        assert executor.cancelled == [hung.group_id]
+        assert all(records[i].status is RunStatus.FAILED and "timed out after 30 s" in records[i].error
+                   for i in hung.run_ids)  # 3 runs: 3 x 10 s
+        assert store.claims() == {}
+    lost = kinds(trace, "lost")
+    assert len(lost) == 1 and trace.index(lost[0]) < trace.index(kinds(trace, "record")[-1])
+
+
+def test_a_lost_group_fails_its_runs_and_is_retried(prepared, tmp_path: Path) -> None:
+    clock = FakeClock()
+    executor = ScriptedExecutor(clock, lose={1})
+    with SQLiteStore(tmp_path / "h.db") as store:
+        outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(retries=1),
+                            progress=quiet(), clock=clock)
+        first = executor.submitted[0].run_ids[0]
+        assert store.attempts(first) == 2 and store.get(first).status is RunStatus.DONE
+    assert outcome.trained == 6 and outcome.failed == 0 and outcome.attempts == 7
+
+
+def test_execute_sweep_is_the_cli_s_one_call(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    from harness.execute import ExecutorKind, execute_sweep
+    from harness.report import load_results
+
+    monkeypatch.setenv("HARNESS_FAKE_SLEEP", "0")
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2, train=300, test=100)))
+    notes: list[str] = []
+    options = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor="inline", train_fn="fake_train:ok")
+    assert options.executor is ExecutorKind.INLINE
+    outcome = execute_sweep(spec, options, notify=notes.append, progress=quiet())
+    assert outcome.planned == 4 and outcome.trained == 4 and notes == ["workers: none (training in this process)"]
+    again = execute_sweep(spec, options, notify=notes.append, progress=quiet())
+    assert again.trained == 0 and again.skipped == 4
+    with SQLiteStore(tmp_path / "h.db") as store:
+        assert load_results(store, "tiny").summary.set_index("variant").loc["mlp_32", "n"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"retries": -1}, "--retries"), ({"fuse": 0}, "--fuse"), ({"timeout_s": float("nan")}, "--timeout"),
+     ({"address": "auto"}, "--address")],
+)
+def test_bad_options_are_one_line_errors(kwargs, key) -> None:
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match=key):
+        SweepOptions(**kwargs)
