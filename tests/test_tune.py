@@ -183,3 +183,40 @@ def test_other_tuners_run_a_real_search(kind: str, tmp_path: Path, data_dir: Pat
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     assert all(not name.startswith("tuner/") for t in result.trials for name, _v in t.values)
     assert json.loads((Path(job.directory) / job.project_name / "oracle.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """SIGKILL `harness tune` while a trial runs; the next call keeps the finished trial, runs the
+    interrupted one again and completes the search."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = example_copy(tmp_path)
+    args = [sys.executable, "-m", "harness", "tune", str(sweep), "--max-trials", "3", "--top", "1", "--seeds", "1",
+            "--epochs", "1", "--subset", "500:100", "--in-process", "--data-dir", str(data_dir),
+            "--store", str(tmp_path / "results" / "h.db"), "--out", str(tmp_path / "tuned.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "results" / "tune" / "tuner_mlp"
+    try:
+        while len(list(state.glob("*/trial_*/trial.json"))) < 2:  # trial 0 finished, trial 1 started
+            assert first.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in state.glob("*/trial_*/trial.json")}
+    assert statuses == {"trial_0": "COMPLETED", "trial_1": "RUNNING"}
+    kept = next(state.glob("*/trial_0/trial.json")).read_text()
+
+    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "search: 3 trials" in second.stdout
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in state.glob("*/trial_*/trial.json")}
+    assert statuses == {"trial_0": "COMPLETED", "trial_1": "COMPLETED", "trial_2": "COMPLETED"}
+    assert next(state.glob("*/trial_0/trial.json")).read_text() == kept
