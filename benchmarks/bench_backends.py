@@ -9,10 +9,11 @@ batch 128 with and without batch norm on 1,024 images. Ways: TensorFlow, JAX, ea
 The time is the second epoch (the first includes tracing/compilation, reported apart).
 
 Part 2 (`--sweep`): the whole-sweep effect of `keras_backend: auto` on sweeps/seed_notebooks.yaml
-against TensorFlow alone, both through `harness sweep` in fresh stores, at a stated budget.
+against TensorFlow alone, both through `harness sweep` in fresh stores (so `auto` uses its
+documented fallback, no calibration), at a stated budget.
 
     python benchmarks/bench_backends.py                    # the table (a few minutes on 1 core)
-    python benchmarks/bench_backends.py --sweep --epochs 2 --subset 20000:5000
+    python benchmarks/bench_backends.py --sweep --seeds 2 --epochs 2 --subset 20000:5000
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def table(data_dir: str, *, models: list[str], ways: list[str], rounds: int) -> 
     return "\n".join(lines)
 
 
-def sweep_effect(*, epochs: int | None, subset: str | None, sweep: str) -> str:
+def sweep_effect(*, epochs: int | None, subset: str | None, sweep: str, seeds: int | None = None) -> str:
     """`harness sweep` of the same file twice in fresh stores: TensorFlow alone, then auto."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,6 +148,8 @@ def sweep_effect(*, epochs: int | None, subset: str | None, sweep: str) -> str:
                 cmd += ["--epochs", str(epochs)]
             if subset:
                 cmd += ["--subset", subset]
+            if seeds:
+                cmd += ["--seeds", str(seeds)]
             start = time.perf_counter()
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.perf_counter() - start
@@ -188,13 +191,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="whole-sweep effect of auto vs tensorflow")
     parser.add_argument("--sweep-file", default="sweeps/seed_notebooks.yaml")
     parser.add_argument("--subset", default=None)
+    parser.add_argument("--seeds", type=int, default=None)
     args = parser.parse_args()
     if args.child:
         args.epochs = args.epochs or 2
         _child(args)
         return
     if args.sweep:
-        print(sweep_effect(epochs=args.epochs, subset=args.subset, sweep=args.sweep_file))
+        print(sweep_effect(epochs=args.epochs, subset=args.subset, sweep=args.sweep_file, seeds=args.seeds))
         return
     ways = [w for w in args.ways.split(",") if w]
     print(table(args.data_dir, models=args.models.split(","), ways=ways, rounds=args.rounds))
