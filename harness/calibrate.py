@@ -154,7 +154,10 @@ def time_steps(kind: str, *, epochs: int = 2) -> float:
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
     keras.utils.set_random_seed(0)
     model = build_model(config, input_shape=(28, 28), num_classes=10)
-    options = fit_options(batch_size=batch, n_fit=n)
+    from harness.architecture import summarize_model
+
+    summary = summarize_model(config, input_shape=(28, 28), num_classes=10)
+    options = fit_options(batch_size=batch, n_fit=n, train_flops_per_example=summary.train_flops(examples=1, epochs=1))
     model.compile(optimizer=make_optimizer(config.optimizer), loss="categorical_crossentropy", steps_per_execution=options.steps_per_execution)
     times: list[float] = []
 

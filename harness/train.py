@@ -24,6 +24,7 @@ NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a col
 # execution, benchmarks/bench_backends.py); never more steps than an epoch has.
 EXAMPLES_PER_EXECUTION = 2048
 MAX_STEPS_PER_EXECUTION = 64
+FLOPS_PER_EXECUTION = 1e9  # a step of more than this (the CNN at batch 128: ~8 GFLOP) runs alone
 EVAL_BATCH_SIZE = 2048  # evaluation has no updates: large batches, few round trips
 
 
@@ -187,12 +188,19 @@ def even_batches(n: int, largest: int) -> int:
     return math.ceil(n / math.ceil(n / largest))
 
 
-def fit_options(*, batch_size: int, n_fit: int, n_val: int = 0, n_test: int = 0) -> FitOptions:
-    """How a run is driven: `steps_per_execution` so that each host round trip trains about
-    `EXAMPLES_PER_EXECUTION` examples (at most an epoch's steps), and large, even evaluation
-    batches. Neither changes the updates: the same batches in the same order."""
+def fit_options(
+    *, batch_size: int, n_fit: int, n_val: int = 0, n_test: int = 0, train_flops_per_example: int = 0
+) -> FitOptions:
+    """How a run is driven: `steps_per_execution` so that small steps are not dispatch bound (each
+    host round trip trains about `EXAMPLES_PER_EXECUTION` examples, at most an epoch's steps, and
+    no more steps than make `FLOPS_PER_EXECUTION` when the model's FLOPs are known: a large conv
+    step is compute bound already), and large, even evaluation batches. Neither changes the
+    updates: the same batches in the same order."""
     steps_per_epoch = max(1, math.ceil(n_fit / batch_size))
-    spe = max(1, min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size))
+    spe = min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size)
+    if train_flops_per_example > 0:
+        spe = min(spe, math.ceil(FLOPS_PER_EXECUTION / (train_flops_per_example * batch_size)))
+    spe = max(1, spe)
     largest = max(batch_size, EVAL_BATCH_SIZE)
     return FitOptions(
         steps_per_execution=spe,
@@ -256,6 +264,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             n_fit=inputs.n_fit,
             n_val=0 if inputs.x_val is None else len(inputs.x_val),
             n_test=len(inputs.x_test),
+            train_flops_per_example=run.summary.train_flops(examples=1, epochs=1),
         )
 
         model = own_model or build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)

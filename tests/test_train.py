@@ -121,6 +121,9 @@ def test_fit_options_cut_round_trips_without_changing_batches() -> None:
     assert train.fit_options(batch_size=128, n_fit=54000).steps_per_execution == 16
     assert train.fit_options(batch_size=4096, n_fit=54000).steps_per_execution == 1
     assert train.fit_options(batch_size=64, n_fit=640).steps_per_execution == 10  # never more than an epoch
+    # compute-bound steps are not batched: MLP 256-256 (~1.6 MFLOP per example) and a CNN (~65 MFLOP)
+    assert train.fit_options(batch_size=128, n_fit=54000, train_flops_per_example=1_600_000).steps_per_execution == 5
+    assert train.fit_options(batch_size=128, n_fit=54000, train_flops_per_example=65_000_000).steps_per_execution == 1
     assert train.fit_options(batch_size=32, n_fit=100).eval_batch_size == train.EVAL_BATCH_SIZE
     assert train.fit_options(batch_size=4096, n_fit=100).eval_batch_size == 4096
     even = train.fit_options(batch_size=32, n_fit=54000, n_val=6000, n_test=10000)
