@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.contracts import VariantInfo
 from harness.health import Health, health_of
 from harness.records import RunRecord, RunStatus
 
@@ -75,7 +76,9 @@ def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float
     return mean, std, mean - half, mean + half
 
 
-def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: float = 0.05) -> pd.DataFrame:
+def summarize(
+    runs: pd.DataFrame, variants: Sequence[VariantInfo | dict[str, Any]], *, alpha: float = 0.05
+) -> pd.DataFrame:
     """Per variant: n, failures, mean/std/95% CI/min/max of test accuracy, train time and params,
     rank, whether it is statistically distinguishable from the best, and a verdict per reference.
 
@@ -84,17 +87,17 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: 
     """
     rows = []
     samples: dict[str, list[float]] = {}
-    for info in variants:
-        mine = runs[runs["variant"] == info["name"]]
+    for info in (v if isinstance(v, VariantInfo) else VariantInfo.from_dict(v) for v in variants):
+        mine = runs[runs["variant"] == info.name]
         done = mine[mine["status"] == RunStatus.DONE.value]
         acc = done["test_accuracy"].dropna().tolist()
-        samples[info["name"]] = acc
+        samples[info.name] = acc
         mean, std, low, high = mean_ci(acc)
         train = done["train_s"].dropna().tolist()
-        reference = list(info.get("reference") or [])
+        reference = list(info.reference)
         rows.append(
             {
-                "variant": info["name"],
+                "variant": info.name,
                 "n": len(acc),
                 "failures": int(mine["status"].isin([RunStatus.FAILED.value, RunStatus.DIVERGED.value]).sum()),
                 "diverged": int((mine["status"] == RunStatus.DIVERGED.value).sum()),
@@ -107,7 +110,7 @@ def summarize(runs: pd.DataFrame, variants: Sequence[dict[str, Any]], *, alpha: 
                 "ci_high": high,
                 "min": min(acc) if acc else math.nan,
                 "max": max(acc) if acc else math.nan,
-                "params": int(info.get("params") or (done["params"].iloc[0] if len(done) else 0)),
+                "params": int(info.params or (done["params"].iloc[0] if len(done) else 0)),
                 "train_s": float(np.mean(train)) if train else math.nan,
                 "train_s_std": float(np.std(train, ddof=1)) if len(train) > 1 else math.nan,
                 "reference": reference,

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.contracts import SweepInfo
 from harness.records import RunRecord, RunStatus
 
 FORMATS = ("png", "svg")
@@ -79,23 +80,19 @@ def tradeoff_data(summary: pd.DataFrame, *, cost: str) -> pd.DataFrame:
     return points.assign(pareto=pareto_front(points, cost=cost))
 
 
-def grid_axes(info: dict[str, Any]) -> list[str]:
+def grid_axes(info: SweepInfo | dict[str, Any]) -> list[str]:
     """The sweep's grid keys, in file order."""
-    axes: list[str] = []
-    for variant in info.get("variants", []):
-        for key, _value in variant.get("grid_point") or []:
-            if key not in axes:
-                axes.append(key)
-    return axes
+    return SweepInfo.coerce(info).grid_axes()
 
 
-def heatmap_data(summary: pd.DataFrame, info: dict[str, Any]) -> pd.DataFrame | None:
+def heatmap_data(summary: pd.DataFrame, info: SweepInfo | dict[str, Any]) -> pd.DataFrame | None:
     """Mean accuracy pivoted over the two grid axes (averaged over base variants); None unless the
     sweep has exactly two grid axes."""
+    info = SweepInfo.coerce(info)
     axes = grid_axes(info)
     if len(axes) != 2:
         return None
-    point = {v["name"]: dict((k, str(val)) for k, val in v.get("grid_point") or []) for v in info["variants"]}
+    point = {v.name: {k: str(val) for k, val in v.grid_point} for v in info.variants}
     rows = [
         {axes[0]: point[r.variant][axes[0]], axes[1]: point[r.variant][axes[1]], "mean": r.mean}
         for r in summary.itertuples(index=False)

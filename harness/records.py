@@ -8,6 +8,7 @@ import enum
 import json
 from typing import Any, Mapping
 
+from harness.contracts import RunMetrics
 from harness.health import Diagnosis
 
 RECORD_VERSION = 1
@@ -51,7 +52,7 @@ class RunRecord:
     config: Mapping[str, Any]  # resolved model config of the variant
     budget: Mapping[str, Any]  # epochs, batch_size, validation_split, deterministic
     dataset: Mapping[str, Any]  # name, fingerprint, n_train, n_test, subset
-    metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: RunMetrics = dataclasses.field(default_factory=RunMetrics)  # a plain mapping is converted
     history: Mapping[str, list] = dataclasses.field(default_factory=dict)
     timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
     device: str = ""
@@ -65,14 +66,18 @@ class RunRecord:
     # before diagnoses existed (`health.health_of` diagnoses those on reading)
     diagnosis: Diagnosis | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.metrics, RunMetrics):
+            object.__setattr__(self, "metrics", RunMetrics.from_dict(self.metrics))
+
     @property
     def test_accuracy(self) -> float | None:
-        value = self.metrics.get("test_accuracy")
-        return None if value is None else float(value)
+        return self.metrics.test_accuracy
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
+        data["metrics"] = self.metrics.to_dict()
         data["flags"] = [flag.value for flag in self.flags]
         data["diagnosis"] = self.diagnosis.to_dict() if self.diagnosis is not None else None
         return json.dumps(data, sort_keys=True, allow_nan=True)

@@ -56,7 +56,7 @@ def baseline_from_store(store: ResultStore, sweep: str) -> dict[str, Any]:
         "created_at": utcnow(),
         "harness": __version__,
         "versions": dict(results.versions),
-        "dataset": results.info.get("dataset", {}).get("fingerprint"),
+        "dataset": results.info.dataset.fingerprint,
         "variants": variants,
     }
 

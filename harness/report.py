@@ -20,6 +20,7 @@ from harness.aggregate import (
     summarize,
     sweep_utilisation,
 )
+from harness.contracts import SweepInfo
 from harness.errors import UserError
 from harness.fsio import check_writable_target, safe_name, safe_write
 from harness.health import health_of
@@ -30,7 +31,7 @@ from harness.store import ResultStore
 @dataclasses.dataclass(frozen=True)
 class SweepResults:
     name: str
-    info: dict[str, Any]
+    info: SweepInfo
     records: tuple[RunRecord, ...]  # one per plan entry that has a stored record
     variants: tuple[str, ...]  # the plan's variant name of each of `records`
     planned: int
@@ -62,7 +63,7 @@ def load_results(store: ResultStore, sweep: str) -> SweepResults:
         variants=variants,
         planned=len(plan),
         runs=runs,
-        summary=summarize(runs, info["variants"]),
+        summary=summarize(runs, info.variants),
         utilisation=sweep_utilisation(
             records, {kind: store.get_meta(f"calibration:{kind}") for kind in ("cpu", "gpu")}
         ),
@@ -82,15 +83,15 @@ def render_leaderboard(
 ) -> str:
     """The markdown report. `plots` maps plot names to paths relative to the report file."""
     info, summary, runs = results.info, results.summary, results.runs
-    dataset = info.get("dataset", {})
+    dataset = info.dataset
     generated_at = generated_at or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     finished = int(runs["status"].isin(["done", "diverged"]).sum()) if len(runs) else 0
     failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
     lines = [f"# Leaderboard: {results.name}", ""]
-    if info.get("description"):
-        lines += [info["description"].strip(), ""]
+    if info.description:
+        lines += [info.description.strip(), ""]
     lines += [
-        f"Test accuracy (%) over seeds {info.get('seeds')}: mean, sample std (ddof=1) and 95% Student-t interval. "
+        f"Test accuracy (%) over seeds {list(info.seeds)}: mean, sample std (ddof=1) and 95% Student-t interval. "
         "n counts finished runs; failures are failed or diverged runs, never dropped silently. "
         "**bold** rank: statistically indistinguishable from the best (Welch t-test, p >= 0.05). "
         "Published numbers are marked inside, above or below our interval.",
@@ -146,11 +147,11 @@ def render_leaderboard(
         "## Provenance",
         "",
         f"- generated: {generated_at} by harness {__version__}",
-        f"- sweep file: `{info.get('source')}` (planned {info.get('planned_at')})",
-        f"- dataset: {dataset.get('name')} from `{dataset.get('source')}`, {dataset.get('n_train')} train / "
-        f"{dataset.get('n_test')} test images, fingerprint `{dataset.get('fingerprint')}`",
-        f"- budget: {_describe_budget(info)}; seeds {info.get('seeds')}; "
-        f"op determinism {'on' if info.get('deterministic') else 'off'}",
+        f"- sweep file: `{info.source}` (planned {info.planned_at})",
+        f"- dataset: {dataset.name} from `{dataset.source}`, {dataset.n_train} train / "
+        f"{dataset.n_test} test images, fingerprint `{dataset.fingerprint}`",
+        f"- budget: {_describe_budget(info)}; seeds {list(info.seeds)}; "
+        f"op determinism {'on' if info.deterministic else 'off'}",
         f"- Keras {versions.get('keras', '?')} on {_describe_backends(results)}; "
         f"Python {versions.get('python', '?')}, NumPy {versions.get('numpy', '?')}",
         f"- devices: {', '.join(devices) or '—'}",
@@ -255,8 +256,8 @@ def render_health(results: SweepResults) -> list[str]:
     return lines
 
 
-def _describe_budget(info: dict[str, Any]) -> str:
-    budgets = sorted({(v.get("epochs"), v.get("batch_size"), v.get("validation_split")) for v in info.get("variants", [])}, key=str)
+def _describe_budget(info: SweepInfo) -> str:
+    budgets = sorted({(v.epochs, v.batch_size, v.validation_split) for v in info.variants}, key=str)
     if len(budgets) == 1:
         epochs, batch, split = budgets[0]
         return f"{epochs} epochs, batch {batch}, validation split {split}"
@@ -323,7 +324,7 @@ EXPORT_COLUMNS = [
 def export_frame(store: ResultStore, sweep: str) -> pd.DataFrame:
     """Every run of a sweep as one row (accuracy in %), the grid values as extra columns."""
     results = load_results(store, sweep)
-    grid = {v["name"]: dict(v.get("grid_point") or []) for v in results.info.get("variants", [])}
+    grid = {v.name: v.grid for v in results.info.variants}
     rows = []
     for variant, record in zip(results.variants, results.records):
         acc = record.test_accuracy

@@ -7,12 +7,14 @@ implementation (`results/harness.db`). The schema carries a version; a mismatch 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
+from harness.contracts import SweepInfo
 from harness.errors import StoreError
 from harness.leases import Claim, Liveness, make_owner, owner_alive, owner_liveness  # noqa: F401 - re-exported
 from harness.records import RunRecord, RunStatus, utcnow
@@ -72,12 +74,13 @@ class ResultStore(Protocol):
     def records(self, run_ids: Iterable[str]) -> list[RunRecord]: ...
 
     def save_plan(
-        self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]], merge: bool = False
+        self, sweep: str, *, source: str, info: "SweepInfo | dict[str, Any]", runs: Sequence[tuple[str, str, int]],
+        merge: bool = False,
     ) -> None: ...
 
     def plan(self, sweep: str) -> list[tuple[str, str, int]]: ...
 
-    def sweep_info(self, sweep: str) -> dict[str, Any] | None: ...
+    def sweep_info(self, sweep: str) -> SweepInfo | None: ...
 
     def sweeps(self) -> list[str]: ...
 
@@ -282,25 +285,26 @@ class SQLiteStore:
     # ------------------------------------------------------------------ plans
 
     def save_plan(
-        self, sweep: str, *, source: str, info: dict[str, Any], runs: Sequence[tuple[str, str, int]], merge: bool = False
+        self, sweep: str, *, source: str, info: "SweepInfo | dict[str, Any]", runs: Sequence[tuple[str, str, int]],
+        merge: bool = False,
     ) -> None:
         """Record the sweep's current plan (run id, variant name, seed), replacing its previous plan.
 
         With `merge` (a sweep run for some of its variants, `--only`), only the plan of the variants
         in `runs` is replaced; the others keep theirs, so the report still covers the whole sweep.
         """
+        info = SweepInfo.coerce(info)
         with self._transaction():
             if merge:
                 mine = {variant for _run_id, variant, _seed in runs}
                 kept = [row for row in self.plan(sweep) if row[1] not in mine]
-                old = self.sweep_info(sweep) or {}
-                new_variants = {v["name"]: v for v in info.get("variants", [])}
-                merged = [new_variants.pop(v["name"], v) for v in old.get("variants", [])]
-                info = {**info, "variants": merged + list(new_variants.values())}
+                old = self.sweep_info(sweep)
+                info = old.merged_with(info) if old is not None else info
                 runs = kept + list(runs)
+            stored = dataclasses.replace(info, source=None, planned_at=None)  # kept in their own columns
             self._conn.execute(
                 "INSERT OR REPLACE INTO sweeps (name, source, planned_at, info) VALUES (?, ?, ?, ?)",
-                (sweep, source, utcnow(), json.dumps(info, sort_keys=True)),
+                (sweep, source, utcnow(), stored.to_json()),
             )
             self._conn.execute("DELETE FROM plans WHERE sweep = ?", (sweep,))
             self._conn.executemany(
@@ -314,13 +318,15 @@ class SQLiteStore:
         )
         return [(run_id, variant, int(seed)) for run_id, variant, seed in rows]
 
-    def sweep_info(self, sweep: str) -> dict[str, Any] | None:
+    def sweep_info(self, sweep: str) -> SweepInfo | None:
+        """The typed sweep description (older stores' JSON reads too: missing keys get defaults)."""
         row = self._conn.execute("SELECT source, planned_at, info FROM sweeps WHERE name = ?", (sweep,)).fetchone()
         if row is None:
             return None
         info = json.loads(row[2])
         info.update(source=row[0], planned_at=row[1])
-        return info
+        info["name"] = info.get("name") or sweep
+        return SweepInfo.from_dict(info)
 
     def sweeps(self) -> list[str]:
         return [row[0] for row in self._conn.execute("SELECT name FROM sweeps ORDER BY planned_at, name")]

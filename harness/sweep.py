@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+from harness.contracts import sweep_info
 from harness.data import Dataset, configured_data_dir, load_dataset
 from harness.plan import BackendContext, PlannedRun, build_plan
 from harness.records import RunRecord, RunStatus
@@ -43,42 +44,6 @@ def prepare_sweep(
     dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=folder)
     runs = build_plan(spec, dataset, build_builders=build_builders, backends=backends)
     return PreparedSweep(spec=spec, dataset=dataset, runs=tuple(runs), data_dir=str(folder) if folder else None)
-
-
-def sweep_info(prepared: PreparedSweep) -> dict:
-    """What the report needs about a sweep besides its runs: variants, references, budget, data."""
-    spec = prepared.spec
-    variants = []
-    seen = set()
-    for run in prepared.runs:
-        if run.variant.name in seen:
-            continue
-        seen.add(run.variant.name)
-        variants.append(
-            {
-                "name": run.variant.name,
-                "variant_id": run.variant.variant_id,
-                "base": run.variant.base,
-                "grid_point": [[k, v] for k, v in run.variant.grid_point],
-                "reference": list(run.variant.reference),
-                "params": run.summary.params,
-                "epochs": run.variant.epochs,
-                "batch_size": run.variant.batch_size,
-                "validation_split": run.variant.validation_split,
-                "estimated_train_flops": run.estimated_train_flops,
-                "keras_backend": run.backend.backend,
-                "keras_backend_requested": run.backend.requested,
-                **({"tuner": run.variant.tuner.model_dump()} if run.variant.tuner is not None else {}),
-            }
-        )
-    return {
-        "name": spec.name,
-        "description": spec.description,
-        "seeds": list(spec.seeds),
-        "deterministic": spec.deterministic,
-        "dataset": prepared.dataset.describe(),
-        "variants": variants,
-    }
 
 
 def shared_runs(runs: Sequence[PlannedRun]) -> list[tuple[str, str]]:

@@ -355,27 +355,28 @@ def write_tuned_sweep(data: dict, out: Path) -> Path:
 # --------------------------------------------------------------------------- the report's comparison
 
 
-def tuner_comparison(info: dict, records: Sequence[Any], variants: Sequence[str]):
+def tuner_comparison(info: Any, records: Sequence[Any], variants: Sequence[str]):
     """Per tuned variant: the tuner's single-run score beside our mean, std and 95% CI over seeds
     of the same metric (final epoch) and of test accuracy. Empty when the sweep was not tuned."""
     import pandas as pd
 
     from harness.aggregate import mean_ci
+    from harness.contracts import SweepInfo
 
     rows = []
-    for variant in info.get("variants", []):
-        tuner = variant.get("tuner")
+    for variant in SweepInfo.coerce(info).variants:
+        tuner = variant.tuner
         if not tuner:
             continue
         objective = tuner.get("objective", "val_accuracy")
-        mine = [r for r, name in zip(records, variants) if name == variant["name"] and r.status.is_finished()]
+        mine = [r for r, name in zip(records, variants) if name == variant.name and r.status.is_finished()]
         ours = [float(r.history[objective][-1]) for r in mine if r.history.get(objective)]
         tests = [float(r.test_accuracy) for r in mine if r.test_accuracy is not None]
         mean, std, low, high = mean_ci(ours) if ours else (float("nan"),) * 4
         test_mean, _s, test_low, test_high = mean_ci(tests) if tests else (float("nan"),) * 4
         rows.append(
             {
-                "variant": variant["name"],
+                "variant": variant.name,
                 "trial": tuner.get("trial_id"),
                 "objective": objective,
                 "tuner_score": tuner.get("score"),

@@ -51,7 +51,8 @@ def test_plan_is_replaced_per_sweep(store: SQLiteStore) -> None:
     store.save_plan("s", source="a.yaml", info={"variants": [], "x": 1}, runs=[("r3", "w", 0)])
     store.save_plan("other", source="b.yaml", info={}, runs=[])
     assert store.plan("s") == [("r3", "w", 0)]
-    assert store.sweep_info("s")["x"] == 1 and store.sweep_info("s")["source"] == "a.yaml"
+    assert store.sweep_info("s").extra["x"] == 1 and store.sweep_info("s").source == "a.yaml"
+    assert store.sweep_info("s").name == "s"  # an older plan without a name gets the sweep's
     assert sorted(store.sweeps()) == ["other", "s"]
 
 
@@ -137,4 +138,4 @@ def test_partial_plan_merges_with_the_rest_of_the_sweep(store: SQLiteStore) -> N
     store.save_plan("s", source="s.yaml", info={"variants": [{"name": "b", "params": 3}], "seeds": [0]},
                     runs=[("rb2", "b", 0)], merge=True)
     assert store.plan("s") == [("ra", "a", 0), ("rb2", "b", 0)]
-    assert [(v["name"], v["params"]) for v in store.sweep_info("s")["variants"]] == [("a", 1), ("b", 3)]
+    assert [(v.name, v.params) for v in store.sweep_info("s").variants] == [("a", 1), ("b", 3)]
