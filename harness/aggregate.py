@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,14 @@ import pandas as pd
 from harness.contracts import VariantInfo
 from harness.health import Health, health_of
 from harness.records import RunRecord, RunStatus
+from harness.stats import (
+    EQUAL_TOLERANCE,
+    Placement,
+    clean,
+    compare_with_best,
+    published_verdict,
+    resolvable_difference,
+)
 
 RUN_COLUMNS = [
     "run_id",
@@ -76,14 +85,26 @@ def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float
     return mean, std, mean - half, mean + half
 
 
-def summarize(
-    runs: pd.DataFrame, variants: Sequence[VariantInfo | dict[str, Any]], *, alpha: float = 0.05
-) -> pd.DataFrame:
-    """Per variant: n, failures, mean/std/95% CI/min/max of test accuracy, train time and params,
-    rank, whether it is statistically distinguishable from the best, and a verdict per reference.
+MAJORITY = 0.5  # a variant needs more than half of its attempted runs healthy to take rank 1
 
-    `variants` (from the stored sweep info) fixes the order and brings the published references,
-    so a variant with no finished run still shows up, with its failures.
+
+def summarize(
+    runs: pd.DataFrame,
+    variants: Sequence[VariantInfo | dict[str, Any]],
+    *,
+    alpha: float = 0.05,
+    planned: Mapping[str, int] | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Per variant: planned / healthy / failed / diverged / collapsed counts and the success rate,
+    mean/std/95% CI/median/min/max of test accuracy over its finished (DONE) runs, train time and
+    params, rank, difference to the best with its interval, whether it is distinguishable from the
+    best (Holm-corrected), and a `PublishedVerdict` per published number.
+
+    Rank rule: a variant whose attempted runs are not mostly healthy (healthy <= half) cannot take
+    rank 1: it ranks after every variant that is, by mean. `variants` (from the stored sweep info)
+    fixes the order and brings the published references, so a variant with no finished run still
+    shows up, with its failures. `planned` counts each variant's plan entries (default: its rows).
     """
     rows = []
     samples: dict[str, list[float]] = {}
@@ -92,46 +113,122 @@ def summarize(
         done = mine[mine["status"] == RunStatus.DONE.value]
         acc = done["test_accuracy"].dropna().tolist()
         samples[info.name] = acc
-        mean, std, low, high = mean_ci(acc)
+        mean, std, low, high = mean_ci(acc, confidence=confidence)
         train = done["train_s"].dropna().tolist()
         reference = list(info.reference)
+        healthy = int(_healthy(done).sum())
+        failed = int((mine["status"] == RunStatus.FAILED.value).sum())
+        diverged = int((mine["status"] == RunStatus.DIVERGED.value).sum())
+        attempted = len(done) + failed + diverged
+        n_planned = int(planned.get(info.name, len(mine))) if planned is not None else len(mine)
+        published = [published_verdict(r, acc, confidence=confidence) for r in reference]
         rows.append(
             {
                 "variant": info.name,
+                "planned": n_planned,
                 "n": len(acc),
-                "failures": int(mine["status"].isin([RunStatus.FAILED.value, RunStatus.DIVERGED.value]).sum()),
-                "diverged": int((mine["status"] == RunStatus.DIVERGED.value).sum()),
+                "healthy": healthy,
+                "success_rate": healthy / n_planned if n_planned else math.nan,
+                "failures": failed + diverged,
+                "failed": failed,
+                "diverged": diverged,
                 "near_chance": int(done["near_chance"].sum()),
                 "collapsed": _count_health(done, Health.COLLAPSED),
                 "mismatched": _count_health(done, Health.TRAIN_EVAL_MISMATCH),
+                "eligible": attempted > 0 and healthy > MAJORITY * attempted,
                 "mean": mean,
                 "std": std,
                 "ci_low": low,
                 "ci_high": high,
+                "median": float(np.median(acc)) if acc else math.nan,
                 "min": min(acc) if acc else math.nan,
                 "max": max(acc) if acc else math.nan,
-                "params": int(info.params or (done["params"].iloc[0] if len(done) else 0)),
+                "params": int(info.params or (done["params"].iloc[0] if len(done) and pd.notna(done["params"].iloc[0]) else 0)),
                 "train_s": float(np.mean(train)) if train else math.nan,
                 "train_s_std": float(np.std(train, ddof=1)) if len(train) > 1 else math.nan,
                 "reference": reference,
-                "verdicts": [reference_verdict(r, low, high) for r in reference],
+                "published": published,
+                "verdicts": [v.placement.value if v.placement is not Placement.TOO_FEW else "untested" for v in published],
             }
         )
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    frame["rank"] = frame["mean"].rank(ascending=False, method="min")
-    frame = frame.sort_values(["rank", "variant"], na_position="last", kind="stable").reset_index(drop=True)
-    frame["rank"] = frame["rank"].astype("Int64")
-    best = frame["variant"].iloc[0] if frame["n"].iloc[0] else None
-    p_values, tied = [], []
-    for name in frame["variant"]:
-        p = welch_p(samples[name], samples[best]) if best else math.nan
-        p_values.append(0.0 if name == best else p)
-        tied.append(name == best or (not math.isnan(p) and p >= alpha))
-    frame["p_vs_best"] = p_values
-    frame["tied_with_best"] = tied
+    frame = _rank(frame)
+    return _compare_with_best(frame, samples, alpha=alpha, confidence=confidence)
+
+
+def _healthy(done: pd.DataFrame) -> pd.Series:
+    """DONE runs that neither collapsed, nor sit near chance, nor show a train/eval mismatch."""
+    bad_health = done["health"].isin([h.value for h in Health if h.is_problem()]) if "health" in done else False
+    return ~(done["near_chance"].astype(bool) | bad_health)
+
+
+def _rank(frame: pd.DataFrame) -> pd.DataFrame:
+    """Eligible variants by mean first, then the mostly-failed ones by mean, then those never run;
+    equal means (to 0.001 points) share a rank."""
+    has = frame["n"] > 0
+    order = frame.assign(
+        rank_group=np.where(has & frame["eligible"], 0, np.where(has, 1, 2)),
+        rank_key=-frame["mean"].round(3).fillna(-np.inf),
+    ).sort_values(["rank_group", "rank_key", "variant"], kind="stable")
+    ranks: list[Any] = []
+    previous = None
+    for position, row in enumerate(order.itertuples(index=False), start=1):
+        if row.rank_group == 2:
+            ranks.append(pd.NA)
+            continue
+        key = (row.rank_group, row.rank_key)
+        ranks.append(ranks[-1] if key == previous else position)
+        previous = key
+    order = order.drop(columns=["rank_group", "rank_key"]).reset_index(drop=True)
+    order["rank"] = pd.array(ranks, dtype="Int64")
+    return order
+
+
+def _compare_with_best(
+    frame: pd.DataFrame, samples: dict[str, list[float]], *, alpha: float, confidence: float
+) -> pd.DataFrame:
+    versus = compare_with_best([samples[name] for name in frame["variant"]], alpha=alpha, confidence=confidence)
+    best = [v.difference is None and v.tied for v in versus]
+    frame["diff_to_best"] = [0.0 if b else (v.difference.delta if v.difference else math.nan) for v, b in zip(versus, best)]
+    frame["diff_low"] = [v.difference.low if v.difference else math.nan for v in versus]
+    frame["diff_high"] = [v.difference.high if v.difference else math.nan for v in versus]
+    frame["p_vs_best"] = [0.0 if b else (v.difference.p_value if v.difference else math.nan) for v, b in zip(versus, best)]
+    frame["p_holm"] = [v.p_holm for v in versus]
+    frame["tied_with_best"] = [v.tied for v in versus]
+    frame["tie_note"] = [v.note for v in versus]
     return frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """The smallest difference in mean accuracy the sweep's seed count can resolve."""
+
+    n: int  # seeds per variant (median over variants with at least 2)
+    std: float  # typical seed std (median over those variants)
+    difference: float  # points; NaN when fewer than 2 seeds
+    alpha: float = 0.05
+    power: float = 0.8
+
+    @property
+    def text(self) -> str:
+        if math.isnan(self.difference):
+            return "With fewer than 2 finished seeds per variant, no difference between variants can be resolved."
+        return (
+            f"With {self.n} seeds per variant and a typical seed std of {self.std:.2f} points, differences smaller "
+            f"than about {self.difference:.2f} points cannot be resolved (two-sided test at {self.alpha:g}, "
+            f"{100 * self.power:.0f}% power); more seeds shrink this as 1/sqrt(n)."
+        )
+
+
+def resolution(summary: pd.DataFrame, *, alpha: float = 0.05, power: float = 0.8) -> Resolution:
+    usable = summary[(summary["n"] >= 2) & summary["std"].notna()] if len(summary) else summary
+    if not len(usable):
+        return Resolution(0, math.nan, math.nan, alpha, power)
+    n = int(np.median(usable["n"]))
+    std = float(np.median(usable["std"]))
+    return Resolution(n, std, resolvable_difference(n, std, alpha=alpha, power=power), alpha, power)
 
 
 def _count_health(runs: pd.DataFrame, health: Health) -> int:
@@ -139,18 +236,21 @@ def _count_health(runs: pd.DataFrame, health: Health) -> int:
 
 
 def welch_p(a: Sequence[float], b: Sequence[float], *, alternative: str = "two-sided") -> float:
-    """Welch's t-test p-value (unequal variances); NaN when either side has fewer than 2 runs."""
-    if len(a) < 2 or len(b) < 2:
+    """Welch's t-test p-value (unequal variances); NaN when either side has fewer than 2 runs or
+    neither side has any variance (no test exists; see `harness.stats.difference`)."""
+    x, y = clean(a), clean(b)
+    if len(x) < 2 or len(y) < 2:
         return math.nan
-    if np.std(a) == 0 and np.std(b) == 0:
-        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    if np.std(x) == 0 and np.std(y) == 0:
+        return 1.0 if abs(x.mean() - y.mean()) <= EQUAL_TOLERANCE else math.nan
     from scipy import stats
 
-    return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
+    return float(stats.ttest_ind(x, y, equal_var=False, alternative=alternative).pvalue)
 
 
 def reference_verdict(reference: float, low: float, high: float) -> str:
-    """Where a published number falls against our 95% interval: inside, above or below it."""
+    """Where a number falls against an interval: inside, above or below it ("untested" without
+    one). For published numbers use `harness.stats.published_verdict` (prediction interval)."""
     if math.isnan(low) or math.isnan(high):
         return "untested"
     if reference > high:

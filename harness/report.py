@@ -13,9 +13,11 @@ import pandas as pd
 
 from harness import __version__
 from harness.aggregate import (
+    Resolution,
     backend_comparison,
     backend_versions,
     record_backend,
+    resolution,
     runs_frame,
     summarize,
     sweep_utilisation,
@@ -25,6 +27,7 @@ from harness.errors import UserError
 from harness.fsio import check_writable_target, safe_name, safe_write
 from harness.health import health_of
 from harness.records import RunRecord, RunStatus
+from harness.stats import clip_pct
 from harness.store import ResultStore
 
 
@@ -38,6 +41,7 @@ class SweepResults:
     runs: pd.DataFrame
     summary: pd.DataFrame
     utilisation: dict[str, Any]
+    resolution: Resolution | None = None
 
     @property
     def versions(self) -> dict[str, str]:
@@ -56,6 +60,10 @@ def load_results(store: ResultStore, sweep: str) -> SweepResults:
     records = tuple(record for _variant, record in entries)
     variants = tuple(variant for variant, _record in entries)
     runs = runs_frame(records, variants=variants)
+    planned: dict[str, int] = {}
+    for _run_id, variant, _seed in plan:
+        planned[variant] = planned.get(variant, 0) + 1
+    summary = summarize(runs, info.variants, planned=planned)
     return SweepResults(
         name=sweep,
         info=info,
@@ -63,7 +71,8 @@ def load_results(store: ResultStore, sweep: str) -> SweepResults:
         variants=variants,
         planned=len(plan),
         runs=runs,
-        summary=summarize(runs, info.variants),
+        summary=summary,
+        resolution=resolution(summary) if len(summary) else None,
         utilisation=sweep_utilisation(
             records, {kind: store.get_meta(f"calibration:{kind}") for kind in ("cpu", "gpu")}
         ),
@@ -78,47 +87,104 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _interval(low: float, high: float, digits: int = 2) -> str:
+    """An accuracy interval for display, clipped to [0, 100]."""
+    if math.isnan(low) or math.isnan(high):
+        return "—"
+    return f"[{clip_pct(low):.{digits}f}, {clip_pct(high):.{digits}f}]"
+
+
+def _published_cell(row: Any) -> str:
+    return "; ".join(f"{v.reference:g} ({_md_escape(v.text)})" for v in row.published) or "—"
+
+
+def _difference_cell(row: Any) -> str:
+    if row.tie_note == "best":
+        return "best"
+    if math.isnan(row.diff_to_best):
+        return "—"
+    text = f"{row.diff_to_best:+.2f}"
+    if not math.isnan(row.diff_low) and row.diff_low != row.diff_high:
+        text += f" [{row.diff_low:+.2f}, {row.diff_high:+.2f}]"
+    if not math.isnan(row.p_holm):
+        text += f", p={row.p_holm:.2g}"
+    elif row.tie_note:
+        text += f" ({_md_escape(row.tie_note)})"
+    return text
+
+
+def _not_healthy_cell(row: Any) -> str:
+    """Failed (infrastructure) apart from the model's own bad outcomes (diverged, collapsed)."""
+    parts = []
+    if row.failed:
+        parts.append(f"{row.failed} failed")
+    if row.diverged:
+        parts.append(f"{row.diverged} diverged")
+    if row.n - row.healthy:
+        parts.append(f"{row.n - row.healthy} collapsed or mismatched")
+    return ", ".join(parts) or "—"
+
+
 def render_leaderboard(
-    results: SweepResults, *, generated_at: str | None = None, plots: dict[str, str] | None = None
+    results: SweepResults, *, generated_at: str | None = None, plots: dict[str, str] | None = None,
+    summary_csv: str | None = None,
 ) -> str:
     """The markdown report. `plots` maps plot names to paths relative to the report file."""
     info, summary, runs = results.info, results.summary, results.runs
     dataset = info.dataset
     generated_at = generated_at or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    finished = int(runs["status"].isin(["done", "diverged"]).sum()) if len(runs) else 0
-    failed = int((runs["status"] == "failed").sum()) if len(runs) else 0
+    count = lambda status: int((runs["status"] == status).sum()) if len(runs) else 0  # noqa: E731
+    done, diverged, failed = count("done"), count("diverged"), count("failed")
+    healthy = int(summary["healthy"].sum()) if len(summary) else 0
     lines = [f"# Leaderboard: {results.name}", ""]
     if info.description:
         lines += [info.description.strip(), ""]
     lines += [
-        f"Test accuracy (%) over seeds {list(info.seeds)}: mean, sample std (ddof=1) and 95% Student-t interval. "
-        "n counts finished runs; failures are failed or diverged runs, never dropped silently. "
-        "**bold** rank: statistically indistinguishable from the best (Welch t-test, p >= 0.05). "
-        "Published numbers are marked inside, above or below our interval.",
+        f"Test accuracy (%) over seeds {list(info.seeds)}: mean, sample std (ddof=1), 95% Student-t interval of "
+        "the mean, and median [min, max], over the runs that finished with an accuracy (n). **Success**: healthy "
+        "runs over planned runs. **Not healthy**: *failed* runs broke for infrastructure reasons; *diverged* "
+        "(no accuracy, outside n) and *collapsed or mismatched* (inside n) are the model's own outcome. "
+        "Nothing is dropped silently.",
         "",
-        f"Runs: {results.planned} planned, {finished} finished, {failed} failed, "
-        f"{results.planned - len(runs)} not run yet.",
+        "**Rank rule:** a variant needs more than half of its attempted runs healthy to be ranked with the "
+        "others; one whose seeds mostly failed, diverged or collapsed ranks after all of them (marked *mostly "
+        "failed*) and cannot take rank 1, however good its surviving seeds. "
+        "**Bold** rank: not distinguishable from the best, i.e. its difference to the best has a Holm-corrected "
+        "p >= 0.05 over all the comparisons with the best (Welch's t-test; a single run is tested against the "
+        "other side's prediction interval; runs without seed variance and with the same accuracy are a tie, "
+        "and no p-value is invented for them). Bold is contiguous: a variant ranked above a bold one is bold "
+        "too. **Published** numbers are one run each, so each is judged against a 95% *prediction* interval "
+        "for one new run of ours (mean +- t * s * sqrt(1 + 1/n)), with its rank among our seeds. Displayed "
+        "intervals are clipped to [0, 100].",
         "",
-        "| Rank | Variant | Mean acc (%) | Std | 95% CI | n | Failures | Published (%) | Params | Mean train time (s) |",
-        "|---:|---|---:|---:|---|---:|---:|---|---:|---:|",
+        f"Runs: {results.planned} planned: {done} done (the n column; {done - healthy} of them collapsed or "
+        f"mismatched), {diverged} diverged, {failed} failed, {results.planned - len(runs)} not run yet.",
+        "",
+    ]
+    if results.resolution is not None:
+        lines += [results.resolution.text, ""]
+    lines += [
+        "| Rank | Variant | Mean acc (%) | Std | 95% CI | Median [min, max] | n | Success | Not healthy | "
+        "Difference to best [95% CI], Holm p | Published (%) | Params | Mean train time (s) |",
+        "|---:|---|---:|---:|---|---|---:|---:|---|---|---|---:|---:|",
     ]
     for row in summary.itertuples(index=False):
         rank = "—" if pd.isna(row.rank) else str(int(row.rank))
         if rank != "—" and row.tied_with_best:
             rank = f"**{rank}**"
-        ci = "—" if math.isnan(row.ci_low) else f"[{row.ci_low:.2f}, {row.ci_high:.2f}]"
-        reference = ", ".join(
-            f"{r:g}" + ("" if v == "untested" else f" ({v})") for r, v in zip(row.reference, row.verdicts)
-        ) or "—"
-        failures = str(row.failures)
-        if row.diverged:
-            failures += f" ({row.diverged} diverged)"
         name = _md_escape(row.variant)
+        if row.n and not row.eligible:
+            name += " *(mostly failed)*"
         name += _health_note(row)
+        spread = "—" if not row.n else f"{_pct(row.median)} [{_pct(row.min)}, {_pct(row.max)}]"
+        success = "—" if math.isnan(row.success_rate) else f"{row.healthy}/{row.planned} ({100 * row.success_rate:.0f}%)"
         lines.append(
-            f"| {rank} | {name} | {_pct(row.mean)} | {_pct(row.std)} | {ci} | {row.n} | {failures} | "
-            f"{reference} | {row.params:,} | {_pct(row.train_s, 1)} |"
+            f"| {rank} | {name} | {_pct(row.mean)} | {_pct(row.std)} | {_interval(row.ci_low, row.ci_high)} | "
+            f"{spread} | {row.n} | {success} | {_not_healthy_cell(row)} | {_difference_cell(row)} | "
+            f"{_published_cell(row)} | {row.params:,} | {_pct(row.train_s, 1)} |"
         )
+    if summary_csv:
+        lines += ["", f"The same table as CSV: [`{summary_csv}`]({summary_csv})."]
     lines += render_health(results)
     from harness.tune import render_tuner_comparison, tuner_comparison  # a tuned sweep: the winner's curse
 
@@ -311,7 +377,28 @@ def write_report(store: ResultStore, sweep: str, *, out: str | Path | None = Non
 
         plot_dir = plots_dir(out)
         plots = {name: os.path.relpath(path, out.parent) for name, path in write_plots(results, plot_dir).items()}
-    return safe_write(out, render_leaderboard(results, plots=plots), key="--out")
+    table = safe_write(plots_dir(out) / "summary.csv", summary_frame(results.summary).to_csv(index=False), key="--out")
+    return safe_write(
+        out, render_leaderboard(results, plots=plots, summary_csv=os.path.relpath(table, out.parent)), key="--out"
+    )
+
+
+SUMMARY_COLUMNS = [
+    "rank", "variant", "tied_with_best", "eligible", "mean", "std", "ci_low", "ci_high", "median", "min", "max",
+    "n", "planned", "healthy", "success_rate", "failed", "diverged", "collapsed", "mismatched", "near_chance",
+    "diff_to_best", "diff_low", "diff_high", "p_vs_best", "p_holm", "tie_note", "params", "train_s", "train_s_std",
+]
+
+
+def summary_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as a flat table (CSV): one row per variant, published verdicts as text."""
+    if summary.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS + ["published"])
+    flat = summary[SUMMARY_COLUMNS].copy()
+    flat["published"] = [
+        "; ".join(f"{v.reference:g}: {v.text}" for v in verdicts) for verdicts in summary["published"]
+    ]
+    return flat
 
 
 EXPORT_COLUMNS = [

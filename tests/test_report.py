@@ -27,13 +27,17 @@ def test_leaderboard_table_rows(store) -> None:
     text = render_leaderboard(load_results(store, "fx"), generated_at="2026-01-01")
     lines = text.splitlines()
     alpha = next(line for line in lines if line.startswith("| **1** | alpha"))  # bold: the best
-    assert "| 97.50 | 0.50 | [96.26, 98.74] | 3 | 0 | 97 (inside) | 5,000 | 12.0 |" in alpha
+    assert ("| 97.50 | 0.50 | [96.26, 98.74] | 97.50 [97.00, 98.00] | 3 | 3/3 (100%) | — | best | "
+            "97 (inside [95.02, 99.98]; higher than 0 of our 3 seeds, equal to 1) | 5,000 | 12.0 |") in alpha
     beta = next(line for line in lines if line.startswith("| **2** | beta"))  # not separable from it
-    assert "| 95.50 |" in beta and "| 2 | 1 |" in beta
+    assert "| 95.50 |" in beta and "| 2 | 2/3 (67%) | 1 failed | -2.00 [" in beta
     gamma = next(line for line in lines if "gamma" in line and line.startswith("| 3"))
-    assert "1 (1 diverged)" in gamma and "1 collapsed" in gamma and "9.8" in gamma
+    assert "*(mostly failed)*" in gamma and "| 1 | 0/2 (0%) | 1 diverged, 1 collapsed or mismatched |" in gamma
+    assert "9.8 (n too small to judge (1 seed" in gamma
     assert any(line.startswith("| — | never_ran") for line in lines)
-    assert "9 planned, 7 finished, 1 failed, 1 not run yet" in text
+    # the header's counts agree with the n column (6 = 3 + 2 + 1)
+    assert "9 planned: 6 done (the n column; 1 of them collapsed or mismatched), 1 diverged, 1 failed, 1 not run yet" in text
+    assert "**Rank rule:**" in text and "cannot be resolved" in text
 
 
 def test_failures_and_provenance_sections(store) -> None:
@@ -51,6 +55,12 @@ def test_write_report_is_atomic_file(store, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["fx", "fx.md"]  # no temp file left behind
     assert not [p for p in (out.parent / "fx").iterdir() if p.name.startswith(".")]
     assert "![accuracy](fx/accuracy.png)" in out.read_text()
+    import pandas as pd
+
+    table = pd.read_csv(out.parent / "fx" / "summary.csv").set_index("variant")
+    assert table.loc["alpha", "median"] == pytest.approx(97.5) and table.loc["alpha", "min"] == pytest.approx(97.0)
+    assert table.loc["alpha", "max"] == pytest.approx(98.0) and table.loc["beta", "success_rate"] == pytest.approx(2 / 3)
+    assert "[summary.csv]" not in out.read_text() and "(fx/summary.csv)" in out.read_text()
 
 
 def test_csv_export_has_one_row_per_run(store, tmp_path: Path) -> None:
