@@ -331,32 +331,46 @@ def baseline_save(sweep_name: str, store_path: Path, out: Path | None) -> None:
 @click.option("--sweep", "sweep_name", required=True)
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @store_option
-@click.option("--threshold", type=click.FloatRange(min=0), default=0.2, show_default=True,
+@click.option("--threshold", type=float, default=0.2, show_default=True,
               help="Smallest drop in mean accuracy (points) that can count as a regression.")
-@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.01,
-              show_default=True, help="Significance level of the one-sided Welch t-test.")
+@click.option("--alpha", type=float, default=0.01, show_default=True,
+              help="Significance level of the one-sided tests (Welch and Mann-Whitney / paired permutation).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the summary here.")
 @click.option("--fail-on-missing", is_flag=True, help="Exit 1 when a baseline variant has no result tonight.")
+@click.option("--allow-env-change", is_flag=True,
+              help="Do not fail when the sweep, dataset, library versions or device differ from the baseline's.")
+@click.option("--history", "history_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON-lines history of nightly results: tonight is appended, then step detection runs over it.")
+@click.option("--fail-on-drift", is_flag=True, help="Exit 1 when step detection over the history finds a fall.")
 @_user_errors
 def regress(sweep_name: str, baseline_path: Path, store_path: Path, threshold: float, alpha: float,
-            out: Path | None, fail_on_missing: bool) -> None:
-    """Compare the latest results with a baseline; exit 1 on a regression."""
-    from harness.regress import Verdict, compare, current_accuracies, load_baseline, render_comparison
+            out: Path | None, fail_on_missing: bool, allow_env_change: bool, history_path: Path | None,
+            fail_on_drift: bool) -> None:
+    """Compare the latest results with a baseline; exit 1 on a regression, an environment change or
+    (with --fail-on-missing / --fail-on-drift) a missing variant or a fall in the history."""
+    from harness.regress import Verdict, check_gate_options, load_baseline, render_comparison, run_gate
     from harness.fsio import check_writable_target, safe_write
     from harness.store import SQLiteStore
 
+    check_gate_options(threshold=threshold, alpha=alpha)
     if out is not None:
         out = check_writable_target(out, key="--out")
     base = load_baseline(baseline_path)
     with SQLiteStore(store_path, create=False) as store:
-        accuracies, ids = current_accuracies(store, sweep_name)
-    rows = compare(base, accuracies, threshold=threshold, alpha=alpha, current_ids=ids)
-    text = render_comparison(rows, sweep=sweep_name, baseline_path=str(baseline_path), threshold=threshold, alpha=alpha)
+        gate = run_gate(store, sweep_name, base, threshold=threshold, alpha=alpha, history=history_path)
+    trend = None
+    if out is not None and gate.history is not None and len(gate.history):
+        from harness.plots import draw_history
+
+        png = draw_history(gate.history, out.parent / out.stem, title=f"{sweep_name}: nightly mean accuracy")
+        trend = os.path.relpath(png, out.parent)
+    text = render_comparison(gate, sweep=sweep_name, baseline_path=str(baseline_path), threshold=threshold,
+                             alpha=alpha, history_path=str(history_path) if history_path else None, trend_plot=trend)
     click.echo(text)
     if out is not None:
         safe_write(out, text, key="--out")
-    verdicts = {r.verdict for r in rows}
-    if Verdict.REGRESSED in verdicts or (fail_on_missing and Verdict.MISSING in verdicts):
+    failing = gate.count(Verdict.REGRESSED) or (fail_on_missing and gate.count(Verdict.MISSING))
+    if failing or (gate.env and not allow_env_change) or (fail_on_drift and gate.drifts):
         sys.exit(EXIT_RUNS_FAILED)
 
 

@@ -114,14 +114,19 @@ def _difference_cell(row: Any) -> str:
 
 
 def _not_healthy_cell(row: Any) -> str:
-    """Failed (infrastructure) apart from the model's own bad outcomes (diverged, collapsed)."""
+    """Failed (infrastructure) apart from the model's own bad outcomes (diverged, collapsed,
+    train/eval mismatch: the last is not a collapse, see "Run health")."""
+    mismatched = int(getattr(row, "mismatched", 0))
+    collapsed = row.n - row.healthy - mismatched
     parts = []
     if row.failed:
         parts.append(f"{row.failed} failed")
     if row.diverged:
         parts.append(f"{row.diverged} diverged")
-    if row.n - row.healthy:
-        parts.append(f"{row.n - row.healthy} collapsed or mismatched")
+    if collapsed > 0:
+        parts.append(f"{collapsed} collapsed")
+    if mismatched:
+        parts.append(f"{mismatched} mismatched")
     return ", ".join(parts) or "—"
 
 
@@ -143,12 +148,12 @@ def render_leaderboard(
         f"Test accuracy (%) over seeds {list(info.seeds)}: mean, sample std (ddof=1), 95% Student-t interval of "
         "the mean, and median [min, max], over the runs that finished with an accuracy (n). **Success**: healthy "
         "runs over planned runs. **Not healthy**: *failed* runs broke for infrastructure reasons; *diverged* "
-        "(no accuracy, outside n) and *collapsed or mismatched* (inside n) are the model's own outcome. "
+        "(no accuracy, outside n), *collapsed* and *mismatched* (inside n) are the model's own outcome. "
         "Nothing is dropped silently.",
         "",
         "**Rank rule:** a variant needs more than half of its attempted runs healthy to be ranked with the "
-        "others; one whose seeds mostly failed, diverged or collapsed ranks after all of them (marked *mostly "
-        "failed*) and cannot take rank 1, however good its surviving seeds. "
+        "others; one whose seeds mostly failed, diverged, collapsed or mismatched ranks after all of them "
+        "(marked *mostly unhealthy*) and cannot take rank 1, however good its surviving seeds. "
         "**Bold** rank: not distinguishable from the best, i.e. its difference to the best has a Holm-corrected "
         "p >= 0.05 over all the comparisons with the best (Welch's t-test; a single run is tested against the "
         "other side's prediction interval; runs without seed variance and with the same accuracy are a tie, "
@@ -172,12 +177,11 @@ def render_leaderboard(
         rank = "—" if pd.isna(row.rank) else str(int(row.rank))
         if rank != "—" and row.tied_with_best:
             rank = f"**{rank}**"
-        name = _md_escape(row.variant)
-        if row.n and not row.eligible:
-            name += " *(mostly failed)*"
-        name += _health_note(row)
+        name = _md_escape(row.variant) + _health_note(row)
         spread = "—" if not row.n else f"{_pct(row.median)} [{_pct(row.min)}, {_pct(row.max)}]"
         success = "—" if math.isnan(row.success_rate) else f"{row.healthy}/{row.planned} ({100 * row.success_rate:.0f}%)"
+        if row.n and not row.eligible:
+            success += " *mostly unhealthy*"
         lines.append(
             f"| {rank} | {name} | {_pct(row.mean)} | {_pct(row.std)} | {_interval(row.ci_low, row.ci_high)} | "
             f"{spread} | {row.n} | {success} | {_not_healthy_cell(row)} | {_difference_cell(row)} | "

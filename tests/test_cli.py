@@ -121,11 +121,13 @@ def test_end_to_end_sweep_report_status(tmp_path: Path, data_dir: Path) -> None:
     for variant, values in accuracies.items():
         row = next(line for line in text.splitlines() if f"| {variant} |" in line)
         assert f"| {np.mean(values):.2f} | {np.std(values, ddof=1):.2f} |" in row
-        assert "| 2 | 0 |" in row
+        assert "| 2 | 2/2 (100%) | — |" in row
     mlp = next(line for line in text.splitlines() if "| mlp_32 |" in line)
-    low, high = (float(x) for x in mlp.split("| [")[1].split("]")[0].split(", "))
+    from harness.stats import prediction_interval
+
+    low, high = prediction_interval(accuracies["mlp_32"])  # one published run against one new run of ours
     verdict = "above" if 90 > high else "below" if 90 < low else "inside"
-    assert f"| 90 ({verdict}) |" in mlp  # the published reference beside our interval
+    assert f"| 90 ({verdict} [" in mlp  # the published reference beside our prediction interval
     assert "![accuracy](tiny/accuracy.png)" in text and (out.parent / "tiny" / "accuracy.svg").stat().st_size > 0
 
     for args in (["export", "--out", tmp_path / "a.csv"], ["report", "--format", "csv", "--out", tmp_path / "b.csv"]):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,7 +59,8 @@ def test_pareto_front() -> None:
 def test_tradeoff_data_marks_front(frames) -> None:
     _runs, summary = frames
     points = tradeoff_data(summary, cost="params").set_index("variant")
-    assert points.loc["alpha", "pareto"] and points.loc["beta", "pareto"] and points.loc["gamma", "pareto"]
+    assert points.loc["alpha", "pareto"] and points.loc["beta", "pareto"]
+    assert not points.loc["gamma", "pareto"]  # mostly unhealthy (1 diverged, 1 collapsed): not on the front
 
 
 def test_heatmap_only_for_two_grid_axes(frames) -> None:
@@ -69,10 +71,24 @@ def test_heatmap_only_for_two_grid_axes(frames) -> None:
         {"name": "gamma", "grid_point": [["model.dense.dropout", 0.0], ["budget.batch_size", 64]]},
     ]}
     assert grid_axes(info) == ["model.dense.dropout", "budget.batch_size"]
-    table = heatmap_data(summary, info)
+    table = heatmap_data(summary, info)["(no base)"]
     assert table.loc["0.0", "32"] == pytest.approx(97.5) and table.loc["0.5", "32"] == pytest.approx(95.5)
     assert table.loc["0.0", "64"] == pytest.approx(9.8)
+    assert pd.isna(table.loc["0.5", "64"])  # an empty cell stays, marked empty
     assert heatmap_data(summary, {"variants": [{"name": "alpha", "grid_point": []}]}) is None
+
+
+def test_heatmap_per_base_variant_never_averages_across_bases(frames) -> None:
+    _runs, summary = frames
+    info = {"variants": [
+        {"name": "alpha", "base": "mlp", "grid_point": [["lr", 0.1], ["batch", 32]]},
+        {"name": "beta", "base": "cnn", "grid_point": [["lr", 0.1], ["batch", 32]]},
+        {"name": "gamma", "base": "cnn", "grid_point": [["lr", 0.01], ["batch", 64]]},
+    ]}
+    tables = heatmap_data(summary, info)
+    assert set(tables) == {"mlp", "cnn"}
+    assert tables["mlp"].loc["0.1", "32"] == pytest.approx(97.5) and tables["cnn"].loc["0.1", "32"] == pytest.approx(95.5)
+    assert pd.isna(tables["mlp"].loc["0.01", "64"]) and tables["mlp"].shape == (2, 2)
 
 
 def test_plot_files_are_written_and_not_empty(tmp_path: Path) -> None:
@@ -90,3 +106,73 @@ def test_plot_files_are_written_and_not_empty(tmp_path: Path) -> None:
             assert path.stat().st_size > 1000, path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in png.with_suffix(".svg").read_bytes()[:2000]
+
+
+# --------------------------------------------------------------------------- 16 long names (conv_table)
+
+
+def conv_table_store(path: Path):
+    """A conv_table-shaped store: the 16 real variant names of sweeps/conv_table.yaml x 3 seeds,
+    synthesized records with learning curves; one variant collapses on a seed, one mostly diverges."""
+    from harness.records import RunFlag, RunStatus
+    from harness.spec import load_sweep
+
+    from test_records import make_record
+
+    names = [v.name for v in load_sweep(Path(__file__).parent.parent / "sweeps" / "conv_table.yaml").variants]
+    rng = np.random.default_rng(0)
+    store = SQLiteStore(path)
+    plan, variants = [], []
+    for i, name in enumerate(names):
+        variants.append({"name": name, "params": 10_000 * (i + 1), "reference": [98.5 + 0.03 * i]})
+        for seed in range(3):
+            acc = 98.0 + 0.05 * i + 0.1 * rng.standard_normal()
+            status, flags = RunStatus.DONE, ()
+            if i == 12 and seed == 0:
+                acc, flags = 9.8, (RunFlag.NEAR_CHANCE,)
+            if i == 14 and seed < 2:
+                status = RunStatus.DIVERGED
+            curve = [acc / 100 - 0.02 * (4 - e) for e in range(5)]
+            record = make_record(run_id=f"r{i}-{seed}", variant=name, variant_id=f"id{i}", seed=seed, status=status,
+                                 flags=flags, metrics={"test_accuracy": acc / 100, "params": 10_000 * (i + 1)}
+                                 if status is RunStatus.DONE else {},
+                                 history={"val_accuracy": curve, "accuracy": curve}, timings={"train_s": 10.0 + i})
+            store.put(record)
+            plan.append((record.run_id, name, seed))
+    store.save_plan("conv_table", source="sweeps/conv_table.yaml", info={"variants": variants, "seeds": [0, 1, 2]},
+                    runs=plan)
+    return store, names
+
+
+def test_sixteen_long_names_get_distinct_full_labels_and_a_focused_axis(tmp_path: Path) -> None:
+    from harness.plots import curve_bands, focus_window, plot_labels
+
+    store, names = conv_table_store(tmp_path / "c.db")
+    with store:
+        results = load_results(store, "conv_table")
+    labels = plot_labels(results.summary)
+    assert len(set(labels.values())) == 16
+    for name, label in labels.items():  # every character of the name is there, in order
+        assert label.split(". ", 1)[1].replace("\n", "") == name
+        assert max(len(line) for line in label.split("\n")) <= 44
+    ranked, seeds, _refs = accuracy_data(results.runs, results.summary)
+    low, high = focus_window(ranked, seeds)
+    assert 97.0 < low < 98.0 and 98.5 < high <= 100.0  # the collapsed 9.8 does not stretch the axis
+    assert (~seeds["healthy"]).sum() == 1
+    bands, metric = curve_bands(learning_curve_data(results.records, results.variants), results.summary)
+    assert metric == "val_accuracy" and bands["variant"].nunique() == 16
+    from harness.aggregate import mean_ci
+
+    one = bands[(bands["variant"] == names[0]) & (bands["epoch"] == 5)].iloc[0]
+    values = [100 * r.history["val_accuracy"][-1] for r, v in zip(results.records, results.variants) if v == names[0]]
+    _m, _s, ci_low, ci_high = mean_ci(values)
+    assert (one["low"], one["high"]) == (pytest.approx(ci_low), pytest.approx(min(100.0, ci_high)))  # the table's interval
+
+
+def test_conv_table_plots_are_written(tmp_path: Path) -> None:
+    store, _names = conv_table_store(tmp_path / "c.db")
+    with store:
+        written = write_plots(load_results(store, "conv_table"), tmp_path / "plots")
+    assert {"accuracy", "learning_curves", "accuracy_vs_params", "accuracy_vs_train_s"} <= set(written)
+    for png in written.values():
+        assert png.stat().st_size > 1000
