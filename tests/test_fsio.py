@@ -161,7 +161,7 @@ def test_default_report_paths_stay_in_reports_whatever_the_sweep_is_called(tmp_p
         result = invoke(*args, "--store", store, cwd=work)
         assert result.exit_code == 0, result.output
     written = [p for p in work.rglob("*") if p.is_file()]
-    assert len(written) == 3  # .md, .csv (report --format csv and export write the same file), .json
+    assert len(written) == 4  # .md, its summary.csv, .csv (report --format csv and export write the same file), .json
     for path in written:
         assert path.resolve().is_relative_to((work / "reports").resolve())
     assert not (tmp_path / "escaped").exists()
