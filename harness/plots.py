@@ -294,10 +294,12 @@ def draw_accuracy(ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame,
         shown = refs[(refs["reference"] >= low) & (refs["reference"] <= high)]
         ax.scatter(shown["reference"], [y[v] for v in shown["variant"]], marker="x", s=60, color="tab:red",
                    label="published", zorder=4)
-        for row in refs[(refs["reference"] < low) | (refs["reference"] > high)].itertuples(index=False):
-            edge, align, arrow = (low, "left", "◀") if row.reference < low else (high, "right", "▶")
-            text = f"{arrow} published {row.reference:g}" if arrow == "◀" else f"published {row.reference:g} {arrow}"
-            ax.annotate(text, (edge, y[row.variant]), color="tab:red", fontsize="x-small", ha=align, va="bottom",
+        off = refs[(refs["reference"] < low) | (refs["reference"] > high)]
+        for (variant, below), group in off.groupby([off["variant"], off["reference"] < low], sort=False):
+            numbers = ", ".join(f"{r:g}" for r in group["reference"])  # one label per side, never overprinted
+            edge, align = (low, "left") if below else (high, "right")
+            text = f"◀ published {numbers}" if below else f"published {numbers} ▶"
+            ax.annotate(text, (edge, y[variant]), color="tab:red", fontsize="x-small", ha=align, va="bottom",
                         xytext=(0, 3), textcoords="offset points")
     ax.set_xlim(low, high)
     ax.set_yticks(range(len(ranked)))

@@ -127,6 +127,9 @@ def _not_healthy_cell(row: Any) -> str:
         parts.append(f"{collapsed} collapsed")
     if mismatched:
         parts.append(f"{mismatched} mismatched")
+    not_run = row.planned - row.n - row.failed - row.diverged
+    if not_run > 0:
+        parts.append(f"{not_run} not run yet")
     return ", ".join(parts) or "—"
 
 

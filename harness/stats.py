@@ -80,6 +80,9 @@ class PublishedVerdict:
         """The empirical rank of the published number among our seeds, in words."""
         if self.n == 0:
             return "no finished seed"
+        if self.n == 1:
+            below, equal = self.seeds_below, self.seeds_equal
+            return "higher than our one seed" if below else ("equal to our one seed" if equal else "lower than our one seed")
         if self.seeds_below == self.n:
             where = f"higher than all {self.n} of our seeds"
         elif self.seeds_below == 0 and self.seeds_equal == 0:
