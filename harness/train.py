@@ -14,6 +14,7 @@ from typing import Any
 from harness import __version__
 from harness.architecture import uses_images
 from harness.data import Dataset, prepare_inputs, prepare_targets
+from harness.models import build_model
 from harness.plan import PlannedRun
 from harness.records import RunFlag, RunRecord, RunStatus, utcnow
 from harness.spec import ModelConfig, Optimizer
@@ -34,63 +35,6 @@ def warm_up() -> None:
     from harness.backends import adapter
 
     adapter()
-
-
-def build_model(config: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int):
-    """Build the Keras model a `ModelConfig` describes (mirrors `architecture.summarize_model`)."""
-    import keras
-    from keras import layers
-
-    regularizer = None
-    if config.regularizer is not None:
-        factory = keras.regularizers.L1 if config.regularizer.kind == "l1" else keras.regularizers.L2
-        regularizer = factory(config.regularizer.factor)
-
-    images = uses_images(config)
-    if images and len(input_shape) == 2:
-        input_shape = (*input_shape, 1)
-    if not images:
-        input_shape = (math.prod(input_shape),)
-
-    stack: list[Any] = [keras.Input(shape=input_shape)]
-    for block in config.conv:
-        for filters in block.filters:
-            stack.append(
-                layers.Conv2D(
-                    filters,
-                    block.kernel_size,
-                    padding=block.padding,
-                    activation=None if block.batchnorm else block.activation,
-                    kernel_regularizer=regularizer,
-                )
-            )
-            if block.batchnorm:
-                stack += [
-                    layers.BatchNormalization(momentum=block.batchnorm_momentum, epsilon=block.batchnorm_epsilon),
-                    layers.Activation(block.activation),
-                ]
-        if block.pool == "max":
-            stack.append(layers.MaxPooling2D(block.pool_size))
-        elif block.pool == "avg":
-            stack.append(layers.AveragePooling2D(block.pool_size))
-        if block.dropout > 0:
-            stack.append(layers.Dropout(block.dropout))
-    if images:
-        stack.append(layers.Flatten() if config.head == "flatten" else layers.GlobalAveragePooling2D())
-    dense = config.dense
-    for units, rate in zip(dense.units, dense.dropout_rates()):
-        stack.append(
-            layers.Dense(units, activation=None if dense.batchnorm else dense.activation, kernel_regularizer=regularizer)
-        )
-        if dense.batchnorm:
-            stack += [
-                layers.BatchNormalization(momentum=dense.batchnorm_momentum, epsilon=dense.batchnorm_epsilon),
-                layers.Activation(dense.activation),
-            ]
-        if rate > 0:
-            stack.append(layers.Dropout(rate))
-    stack.append(layers.Dense(num_classes, activation=config.output_activation, kernel_regularizer=regularizer))
-    return keras.Sequential(stack)
 
 
 def make_optimizer(spec: Optimizer):
