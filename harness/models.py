@@ -38,21 +38,25 @@ def _regularizer(layout: ModelLayout) -> Any:
     return (keras.regularizers.L1 if kind == "l1" else keras.regularizers.L2)(factor)
 
 
-def keras_layer(spec: LayerSpec, layout: ModelLayout) -> Any:
-    """The Keras layer of one layer spec."""
+def keras_layer(spec: LayerSpec, layout: ModelLayout, *, regularize: bool = True) -> Any:
+    """The Keras layer of one layer spec (`regularize=False`: kernels without their regularizer,
+    for a fused copy whose penalty is part of its own loss, `copy_loss`)."""
     from keras import layers
 
+    regularize = regularize and layout.regularizer is not None
     if isinstance(spec, Conv2DSpec):
         return layers.Conv2D(
             spec.filters,
             spec.kernel_size,
             padding=spec.padding,
             activation=spec.activation,
-            kernel_regularizer=_regularizer(layout) if spec.regularized else None,
+            kernel_regularizer=_regularizer(layout) if spec.regularized and regularize else None,
         )
     if isinstance(spec, DenseSpec):
         return layers.Dense(
-            spec.units, activation=spec.activation, kernel_regularizer=_regularizer(layout) if spec.regularized else None
+            spec.units,
+            activation=spec.activation,
+            kernel_regularizer=_regularizer(layout) if spec.regularized and regularize else None,
         )
     if isinstance(spec, BatchNormSpec):
         return layers.BatchNormalization(momentum=spec.momentum, epsilon=spec.epsilon)
@@ -69,11 +73,12 @@ def keras_layer(spec: LayerSpec, layout: ModelLayout) -> Any:
     raise TypeError(f"no Keras layer for {spec!r}")
 
 
-def build_layout(layout: ModelLayout, *, name: str | None = None):
+def build_layout(layout: ModelLayout, *, name: str | None = None, regularize: bool = True):
     """A `keras.Sequential` of a layout, its weights created now (from Keras' current seed)."""
     import keras
 
-    stack = [keras.Input(shape=layout.input_shape)] + [keras_layer(spec, layout) for spec in layout.layers]
+    stack = [keras.Input(shape=layout.input_shape)]
+    stack += [keras_layer(spec, layout, regularize=regularize) for spec in layout.layers]
     return keras.Sequential(stack, name=name)
 
 
@@ -87,13 +92,39 @@ def build_fused(layout: ModelLayout, seeds: Sequence[int], *, seed_fn: Callable[
     (named `copy_name(k)`) is copy k's prediction. Copy k is built right after `seed_fn(seeds[k])`,
     so its initial weights (and its dropout layers' seed generators) are those a single run with
     that seed builds. No weight, statistic or activation is shared between copies; with the loss a
-    sum of the copies' losses, each copy's gradients are exactly its own."""
+    sum of the copies' losses, each copy's gradients are exactly its own. A regularizer's penalty
+    is not a layer loss here but part of each copy's own loss (`copy_loss`), so that Keras logs it
+    per copy."""
     import keras
 
     copies = []
     for index, seed in enumerate(seeds):
         seed_fn(seed)
-        copies.append(build_layout(layout, name=copy_name(index)))
+        copies.append(build_layout(layout, name=copy_name(index), regularize=False))
     inputs = [keras.Input(shape=layout.input_shape, name=f"x{index}") for index in range(len(seeds))]
     outputs = [copy(x) for copy, x in zip(copies, inputs)]
     return keras.Model(inputs, outputs, name=f"fused_{len(seeds)}"), copies
+
+
+def copy_loss(loss: str, copy: Any, layout: ModelLayout) -> Callable[[Any, Any], Any]:
+    """Copy `copy`'s loss: the variant's loss plus the penalty of the copy's own regularized
+    kernels (what a single model's total loss is; its gradients reach only this copy)."""
+    import keras
+    from keras import ops
+
+    base = keras.losses.get(loss)
+    regularizer = _regularizer(layout)
+    kernels = [
+        layer.kernel
+        for spec, layer in zip(layout.layers, copy.layers, strict=True)
+        if isinstance(spec, (Conv2DSpec, DenseSpec)) and spec.regularized and regularizer is not None
+    ]
+
+    def fn(y_true: Any, y_pred: Any) -> Any:
+        value = base(y_true, y_pred)
+        for kernel in kernels:
+            value = value + regularizer(kernel)
+        return value
+
+    fn.__name__ = f"{copy.name}_{loss}"
+    return fn

@@ -17,7 +17,10 @@ from harness.spec import SweepSpec, Variant, content_hash
 # stored results of the old protocol are never mistaken for the new one.
 # 2: the Keras backend and its version joined the identity; steps_per_execution > 1 and larger
 #    evaluation batches (same updates, evaluation sums in another order).
-TRAIN_PROTOCOL = 2
+# 3: every vocabulary run trains as a group (`harness.fused`): data order is our own per-epoch
+#    permutation drawn from (seed, epoch), a regularizer's penalty is part of the loss, the logged
+#    loss averages per example; a run's math is the same alone or fused, so fusing is not in the id.
+TRAIN_PROTOCOL = 3
 
 
 @dataclasses.dataclass(frozen=True)

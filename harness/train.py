@@ -171,7 +171,14 @@ def _floats(values) -> list[float]:
 
 
 def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
-    """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash."""
+    """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash.
+
+    A vocabulary model trains as a group of one (`harness.fused.train_group`): the same program,
+    data order and records as a copy of a fused group."""
+    if run.variant.model.builder is None:
+        from harness.fused import train_group
+
+        return train_group([run], dataset)[0]
     started_at = utcnow()
     start = time.perf_counter()
     versions: dict[str, str] = {"harness": __version__}

@@ -22,7 +22,12 @@ def _serve(conn, env: dict[str, str]) -> None:
             return
         run, ref, subset, data_dir = message
         dataset = load_dataset(ref, subset=subset, data_dir=data_dir)
-        conn.send(train.train_run(run, dataset).to_json())
+        if isinstance(run, list):  # a group of runs of one variant: fused training
+            from harness.fused import train_group
+
+            conn.send([record.to_json() for record in train_group(run, dataset)])
+        else:
+            conn.send(train.train_run(run, dataset).to_json())
 
 
 class BackendTrainer:
@@ -40,6 +45,10 @@ class BackendTrainer:
     def train(self, run: Any, prepared: Any) -> RunRecord:
         self.conn.send((run, prepared.spec.dataset, prepared.spec.subset, prepared.data_dir))
         return RunRecord.from_json(self.conn.recv())
+
+    def train_group(self, runs: list, prepared: Any) -> list[RunRecord]:
+        self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir))
+        return [RunRecord.from_json(text) for text in self.conn.recv()]
 
     def close(self) -> None:
         try:

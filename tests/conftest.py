@@ -107,6 +107,8 @@ def train_on(backend_trainers):
 
         if backend not in backend_trainers:
             backend_trainers[backend] = BackendTrainer(backend)
+        if isinstance(run, (list, tuple)):
+            return backend_trainers[backend].train_group(list(run), prepared)
         return backend_trainers[backend].train(run, prepared)
 
     return train

@@ -97,7 +97,9 @@ def test_exception_becomes_failed_record(tmp_path: Path, data_dir: Path, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory while building")
 
-    monkeypatch.setattr(train, "build_model", broken)
+    import harness.models
+
+    monkeypatch.setattr(harness.models, "build_fused", broken)
     record = train.train_run(prepared.runs[0], prepared.dataset)
     assert record.status is RunStatus.FAILED
     assert "RuntimeError: out of memory while building" in record.error and "Traceback" in record.error

@@ -1,0 +1,313 @@
+"""Fused seed training (worker side): K runs of one variant, each with its own seed, trained as
+ONE Keras program (`harness.models.build_fused`): K independent copies, each initialised from its
+own seed, fed its own per-epoch permutation of the data (`epoch_order`), with its own dropout
+masks and batch-norm statistics. The loss is the sum of the copies' losses, so each copy's
+gradients, and its Adam/RMSprop/SGD state (per parameter), are exactly its own. Each copy keeps
+its own history, NaN detection (a diverging copy is DIVERGED; the others train on) and test
+evaluation, and becomes its own `RunRecord`.
+
+A group of one is a plain single run: `train.train_run` trains every vocabulary model through
+`train_group([run])`, so a run's result does not depend on the group it trained in (up to float
+summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from harness import __version__
+from harness.architecture import model_layout, uses_images
+from harness.data import Dataset
+from harness.plan import PlannedRun
+from harness.records import RunFlag, RunRecord, RunStatus, utcnow
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# A copy's loss is logged by a metric of its own (the same function as its loss): Keras' own
+# per-output loss trackers average partial batches differently from its total loss, so a copy's
+# logged loss would depend on whether it trained alone or fused. The metric averages per example.
+LOSS_METRIC = "copy_loss"
+_LOGGED = {"loss": LOSS_METRIC, "accuracy": "accuracy"}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which a run of `seed` sees its `n` training examples in `epoch`: a pure
+    function of (seed, epoch), the same whether the run trains alone or fused."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def check_group(runs: Sequence[PlannedRun]) -> None:
+    """A group is runs of one variant (same model, budget, data and backend), distinct seeds."""
+    if not runs:
+        raise ValueError("a group needs at least one run")
+    first = runs[0]
+    for run in runs[1:]:
+        if (run.variant.variant_id, run.backend.backend, run.dataset.get("fingerprint")) != (
+            first.variant.variant_id,
+            first.backend.backend,
+            first.dataset.get("fingerprint"),
+        ):
+            raise ValueError(f"runs of different variants cannot be fused: {first.variant.name} and {run.variant.name}")
+    seeds = [run.seed for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a fused group trains distinct seeds (got {seeds})")
+    if first.variant.model.builder is not None:
+        raise ValueError("builder models train one run at a time")
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyResult:
+    """What one copy of a fused model did: its per-epoch history (up to and including the first
+    epoch whose loss was not finite), the epoch it diverged in (None: never), its test metrics."""
+
+    history: dict[str, list[float]]
+    diverged_at: int | None
+    test_loss: float
+    test_accuracy: float
+
+
+def _copy_logs(logs: dict[str, Any], index: int, n_copies: int) -> dict[str, float]:
+    """Copy `index`'s values out of Keras' logs (`c0_loss`...; a single output logs `loss`)."""
+    from harness.models import copy_name
+
+    out = {}
+    for key in HISTORY_KEYS:
+        val, name = (True, key[4:]) if key.startswith("val_") else (False, key)
+        own = _LOGGED[name] if n_copies == 1 else f"{copy_name(index)}_{_LOGGED[name]}"
+        own = f"val_{own}" if val else own
+        if own in logs:
+            value = logs[own]
+            out[key] = float(value[-1] if isinstance(value, list) else value)
+    return out
+
+
+def _take(array: Any, order: np.ndarray) -> Any:
+    if isinstance(array, np.ndarray):
+        return array[order]
+    from keras import ops
+
+    return ops.take(array, order, axis=0)
+
+
+def compile_fused(model: Any, copies: Sequence[Any], layout: Any, *, loss: str, optimizer: Any, steps_per_execution: int = 1) -> None:
+    """Compile a fused model: one loss per copy (its regularization penalty in it) and one
+    accuracy per copy; Keras sums the losses."""
+    import keras
+
+    from harness.models import copy_loss
+
+    def accuracy():
+        if loss == "sparse_categorical_crossentropy":
+            return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        return keras.metrics.CategoricalAccuracy(name="accuracy")
+
+    names = [copy.name for copy in copies]
+    losses = {name: copy_loss(loss, copy, layout) for name, copy in zip(names, copies)}
+    model.compile(
+        optimizer=optimizer,
+        loss=losses,
+        metrics={name: [accuracy(), keras.metrics.MeanMetricWrapper(losses[name], name=LOSS_METRIC)] for name in names},
+        steps_per_execution=steps_per_execution,
+    )
+
+
+def fit_copies(
+    model: Any,
+    *,
+    n_copies: int,
+    epoch_data: Callable[[int], tuple[list[Any], list[Any]]],
+    epochs: int,
+    batch_size: int,
+    validation: tuple[Any, Any] | None = None,
+    eval_batch_size: int | None = None,
+) -> tuple[list[dict[str, list[float]]], list[int | None]]:
+    """Train a compiled fused model epoch by epoch; `epoch_data(e)` gives each copy's inputs and
+    targets for epoch e, already in that copy's order (fed unshuffled). Returns each copy's
+    history and the epoch it diverged in. Training stops early only when every copy diverged."""
+    histories: list[dict[str, list[float]]] = [{} for _ in range(n_copies)]
+    diverged: list[int | None] = [None] * n_copies
+    val = None
+    if validation is not None:
+        val = ([validation[0]] * n_copies, [validation[1]] * n_copies)
+    for epoch in range(epochs):
+        xs, ys = epoch_data(epoch)
+        fit = model.fit(
+            xs if n_copies > 1 else xs[0],
+            ys if n_copies > 1 else ys[0],
+            batch_size=batch_size,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            validation_data=val if n_copies > 1 or val is None else (val[0][0], val[1][0]),
+            validation_batch_size=eval_batch_size,
+        )
+        for index in range(n_copies):
+            if diverged[index] is not None:
+                continue
+            logs = _copy_logs(fit.history, index, n_copies)
+            for key, value in logs.items():
+                histories[index].setdefault(key, []).append(value)
+            if not math.isfinite(logs.get("loss", math.nan)):
+                diverged[index] = epoch
+        if all(d is not None for d in diverged):
+            break
+    return histories, diverged
+
+
+def evaluate_copies(model: Any, *, n_copies: int, x: Any, y: Any, batch_size: int) -> list[tuple[float, float]]:
+    """Each copy's (test loss, test accuracy) on the same arrays."""
+    logs = model.evaluate([x] * n_copies if n_copies > 1 else x, [y] * n_copies if n_copies > 1 else y,
+                          batch_size=batch_size, verbose=0, return_dict=True)
+    out = []
+    for index in range(n_copies):
+        own = _copy_logs(logs, index, n_copies)
+        out.append((own.get("loss", math.nan), own.get("accuracy", math.nan)))
+    return out
+
+
+def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]:
+    """Train a group of runs of one variant (distinct seeds) as one fused Keras program; one
+    `RunRecord` per run, in the order given. Any exception fails every run of the group (each a
+    FAILED record with the traceback), never a crash."""
+    from harness.train import check_backend, fit_options, make_optimizer, prepared_inputs, release_memory
+
+    started_at = utcnow()
+    start = time.perf_counter()
+    versions: dict[str, str] = {"harness": __version__}
+    device = ""
+    try:
+        check_group(runs)
+        from harness.backends import adapter
+        from harness.models import build_fused
+
+        backend = adapter()
+        for run in runs:
+            check_backend(run)
+        versions = backend.versions()
+        device = backend.device_label()
+        first = runs[0]
+        if first.deterministic:
+            backend.enable_determinism()
+        config, variant, n = first.variant.model, first.variant, len(runs)
+        inputs = prepared_inputs(
+            dataset,
+            preprocess=config.preprocess,
+            images=uses_images(config),
+            loss=config.loss,
+            validation_split=variant.validation_split,
+        )
+        options = fit_options(batch_size=variant.batch_size, n_fit=inputs.n_fit)
+        layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
+        model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
+        compile_fused(
+            model,
+            copies,
+            layout,
+            loss=config.loss,
+            optimizer=make_optimizer(config.optimizer),
+            steps_per_execution=options.steps_per_execution,
+        )
+        built = time.perf_counter()
+
+        def epoch_data(epoch: int) -> tuple[list[Any], list[Any]]:
+            orders = [epoch_order(run.seed, epoch, inputs.n_fit) for run in runs]
+            return [_take(inputs.x_fit, o) for o in orders], [_take(inputs.y_fit, o) for o in orders]
+
+        histories, diverged_at = fit_copies(
+            model,
+            n_copies=n,
+            epoch_data=epoch_data,
+            epochs=variant.epochs,
+            batch_size=variant.batch_size,
+            validation=inputs.validation,
+            eval_batch_size=options.eval_batch_size,
+        )
+        trained = time.perf_counter()
+        tests = evaluate_copies(model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.eval_batch_size)
+        finished = time.perf_counter()
+        params = int(copies[0].count_params())
+        results = [CopyResult(h, d, loss, acc) for h, (loss, acc), d in zip(histories, tests, diverged_at)]
+        share = {
+            "setup_s": (built - start) / n,
+            "train_s": (trained - built) / n,
+            "eval_s": (finished - trained) / n,
+            "wall_s": (finished - start) / n,
+        }
+        return [
+            copy_record(run, result, share=share, group_wall_s=finished - start, n=n, params=params, options=options,
+                    n_fit=inputs.n_fit, num_classes=dataset.num_classes, started_at=started_at, device=device,
+                    versions=versions)
+            for run, result in zip(runs, results)
+        ]
+    except Exception:  # noqa: BLE001 - failed runs are records, the sweep goes on
+        error = traceback.format_exc()
+        wall = (time.perf_counter() - start) / max(1, len(runs))
+        return [
+            run.record(RunStatus.FAILED, started_at=started_at, timings={"wall_s": wall}, device=device,
+                       versions=versions, error=error, finished_at=utcnow())
+            for run in runs
+        ]
+    finally:
+        release_memory()
+
+
+def copy_record(
+    run: PlannedRun,
+    result: CopyResult,
+    *,
+    share: dict[str, float],
+    group_wall_s: float,
+    n: int,
+    params: int,
+    options: Any,
+    n_fit: int,
+    num_classes: int,
+    started_at: str,
+    device: str,
+    versions: dict[str, str],
+) -> RunRecord:
+    """The `RunRecord` of one copy of a group: DIVERGED when its loss stopped being finite (its
+    history ends at that epoch), else DONE (flagged near chance); timings are its share of the
+    group's (`group_wall_s`: the whole group's wall time)."""
+    from harness.train import NEAR_CHANCE_FACTOR
+
+    history = result.history
+    epochs = run.variant.epochs
+    epochs_ran = len(history.get("loss", []))
+    diverged = result.diverged_at is not None or not math.isfinite(result.test_loss) or epochs_ran < epochs
+    train_s = share["train_s"]
+    flops = run.estimated_train_flops * epochs_ran // max(1, epochs)
+    metrics: dict[str, Any] = {
+        "test_accuracy": float(result.test_accuracy),
+        "test_loss": float(result.test_loss),
+        "params": params,
+        "epochs_ran": epochs_ran,
+        "estimated_train_flops": flops,
+        "train_flops_per_s": flops / train_s if train_s > 0 else None,
+        "examples_per_s": n_fit * epochs_ran / train_s if train_s > 0 else None,
+        "steps_per_execution": options.steps_per_execution,
+        "fused": n,
+    }
+    for key in HISTORY_KEYS:
+        if history.get(key):
+            metrics[f"final_{key}"] = history[key][-1]
+    flags: tuple[RunFlag, ...] = ()
+    if not diverged and result.test_accuracy < NEAR_CHANCE_FACTOR / num_classes:
+        flags = (RunFlag.NEAR_CHANCE,)
+    return run.record(
+        RunStatus.DIVERGED if diverged else RunStatus.DONE,
+        started_at=started_at,
+        metrics=metrics,
+        history=history,
+        timings={**share, "group_wall_s": group_wall_s},
+        device=device,
+        versions=versions,
+        error="loss became NaN or infinite" if diverged else None,
+        flags=flags,
+        finished_at=utcnow(),
+    )

@@ -1,0 +1,137 @@
+"""Fused seed training: K copies in one Keras program train exactly as K separate runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.fused import epoch_order
+from harness.records import RunStatus
+from harness.spec import ModelConfig, load_sweep
+from harness.sweep import prepare_sweep
+
+from conftest import backend_params, tiny_sweep_text, write_sweep
+
+# Dropout in the model: each copy draws its own masks from its own seed.
+CONFIG = {"dense": {"units": [16], "dropout": 0.2}, "regularizer": {"kind": "l2", "factor": 0.001}}
+
+
+def _data(n: int = 100, features: int = 12, classes: int = 3):
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, features)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, classes, n), classes)
+    return x, y
+
+
+def _train(seeds, *, xs, ys, orders, epochs=2):
+    """Build copies for `seeds`, train them fused on their own data in their own order."""
+    import keras
+
+    from harness.architecture import model_layout
+    from harness.fused import compile_fused, fit_copies
+    from harness.models import build_fused
+
+    layout = model_layout(ModelConfig.model_validate(CONFIG), input_shape=(12,), num_classes=3)
+    model, copies = build_fused(layout, seeds, seed_fn=keras.utils.set_random_seed)
+    compile_fused(model, copies, layout, loss="categorical_crossentropy", optimizer=keras.optimizers.Adam(0.01),
+                  steps_per_execution=2)
+
+    def epoch_data(epoch):
+        return [x[o[epoch]] for x, o in zip(xs, orders)], [y[o[epoch]] for y, o in zip(ys, orders)]
+
+    histories, diverged = fit_copies(model, n_copies=len(seeds), epoch_data=epoch_data, epochs=epochs, batch_size=32)
+    return copies, histories, diverged
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch() -> None:
+    first = epoch_order(3, 0, 100)
+    assert sorted(first) == list(range(100))
+    assert np.array_equal(first, epoch_order(3, 0, 100))
+    assert not np.array_equal(first, epoch_order(3, 1, 100)) and not np.array_equal(first, epoch_order(4, 0, 100))
+
+
+def test_fused_pair_ends_with_the_weights_of_two_separate_runs() -> None:
+    x, y = _data()
+    orders = {seed: [epoch_order(seed, e, len(x)) for e in range(2)] for seed in (5, 9)}
+    fused, fused_hist, diverged = _train([5, 9], xs=[x, x], ys=[y, y], orders=[orders[5], orders[9]])
+    assert diverged == [None, None]
+    for index, seed in enumerate((5, 9)):
+        alone, alone_hist, _ = _train([seed], xs=[x], ys=[y], orders=[orders[seed]])
+        for mine, theirs in zip(fused[index].get_weights(), alone[0].get_weights()):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fused_hist[index]["loss"], alone_hist[0]["loss"], rtol=1e-5)
+    # and the copies really are different runs
+    assert not np.allclose(fused[0].get_weights()[0], fused[1].get_weights()[0])
+
+
+def test_a_copy_fed_nan_diverges_alone() -> None:
+    from harness.fused import CopyResult, copy_record
+    from harness.train import fit_options
+
+    x, y = _data()
+    poisoned = x.copy()
+    poisoned[7, 3] = np.nan  # one example of copy 1 only
+    orders = [[epoch_order(seed, e, len(x)) for e in range(2)] for seed in (5, 9)]
+    fused, hist, diverged = _train([5, 9], xs=[x, poisoned], ys=[y, y], orders=orders)
+    alone, alone_hist, _ = _train([5], xs=[x], ys=[y], orders=orders[:1])
+    assert diverged == [None, 0]
+    for mine, theirs in zip(fused[0].get_weights(), alone[0].get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)  # unaffected by its NaN neighbour
+    assert all(np.isfinite(w).all() for w in fused[0].get_weights())
+    assert len(hist[1]["loss"]) == 1 and not np.isfinite(hist[1]["loss"][0])  # history ends where it diverged
+
+    # Each copy becomes its own record: the NaN one DIVERGED, the other DONE.
+    spec = load_sweep(write_sweep(Path(__import__("tempfile").mkdtemp()) / "s.yaml", tiny_sweep_text(seeds=2)))
+    runs = [r for r in prepare_sweep(spec, data_dir=_data_dir()).runs if r.variant.name == "mlp_32"]
+    records = [
+        copy_record(run, CopyResult(h, d, loss, 0.5), share={"setup_s": 0.1, "train_s": 1.0, "eval_s": 0.1, "wall_s": 1.2},
+                    group_wall_s=2.4, n=2, params=10, options=fit_options(batch_size=64, n_fit=1800), n_fit=1800,
+                    num_classes=10, started_at="t", device="cpu", versions={})
+        for run, h, d, loss in zip(runs, hist, diverged, (0.7, float("nan")))
+    ]
+    assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DIVERGED]
+    assert records[1].error == "loss became NaN or infinite" and records[0].error is None
+    assert [r.seed for r in records] == [0, 1] and records[0].metrics["fused"] == 2
+
+
+def _data_dir():
+    from conftest import _find_data_dir
+
+    found = _find_data_dir()
+    if found is None:
+        pytest.skip("real MNIST not found")
+    return found
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "torch"])
+def test_train_group_gives_each_seed_the_record_of_its_single_run(backend: str, tmp_path: Path, data_dir: Path, train_on) -> None:
+    """Real MNIST, a real worker per backend: seeds 0 and 1 fused end where each trained alone ends."""
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2, train=1000, test=300)))
+    prepared = prepare_sweep(spec.with_overrides(keras_backend=backend), data_dir=data_dir)
+    runs = [r for r in prepared.runs if r.variant.name == "cnn_8"]
+    fused = train_on(backend, runs, prepared)
+    assert [r.status for r in fused] == [RunStatus.DONE, RunStatus.DONE], fused[0].error
+    assert [(r.run_id, r.seed) for r in fused] == [(r.run_id, r.seed) for r in runs]
+    assert fused[0].history["loss"] != fused[1].history["loss"]
+    for record, run in zip(fused, runs):
+        alone = train_on(backend, run, prepared)
+        assert alone.metrics["fused"] == 1 and record.metrics["fused"] == 2
+        assert record.metrics["params"] == alone.metrics["params"] == run.summary.params
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(record.history[key], alone.history[key], rtol=1e-4, atol=1e-5)
+        assert record.test_accuracy == pytest.approx(alone.test_accuracy, abs=2 / 300)
+        assert record.timings["group_wall_s"] >= record.timings["wall_s"]
+
+
+def test_a_group_mixing_variants_fails_as_records(tmp_path: Path, data_dir: Path) -> None:
+    from harness.fused import train_group
+
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=200, test=100)))
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    records = train_group(list(prepared.runs), prepared.dataset)
+    assert [r.status for r in records] == [RunStatus.FAILED, RunStatus.FAILED]
+    assert "cannot be fused" in records[0].error
