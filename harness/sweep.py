@@ -114,44 +114,84 @@ class Progress:
     """Live progress: a line per finished run (counts, result, ETA) and what each device is doing.
 
     On a terminal the device line stays at the bottom and is redrawn in place every second; in a
-    log (not a TTY) it is printed as a plain line every `every_s` seconds. The ETA weighs runs by
-    their estimated FLOPs.
+    log (not a TTY) it is printed as a plain line every `every_s` seconds. The ETA comes from a
+    cost model (`harness.eta`: time ~ steps and FLOPs) fitted to the runs finished on each device.
+    Counts are of runs, not attempts: a retried run is running again, not finished twice.
     """
 
     def __init__(
-        self, runs: Sequence[PlannedRun] = (), *, stream: TextIO | None = None, every_s: float | None = None
+        self,
+        runs: Sequence[PlannedRun] = (),
+        *,
+        stream: TextIO | None = None,
+        every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.total = len(runs)
-        self.flops = {r.run_id: max(1, r.estimated_train_flops) for r in runs}
-        self.total_flops = sum(self.flops.values()) or 1
-        self.done_flops = 0
-        self.done = 0
-        self.failed = 0
+        from harness.eta import CostTracker, run_cost
+
+        self.total = len({r.run_id for r in runs})
+        self.costs = {
+            r.run_id: run_cost(
+                n_train=int(r.dataset.get("n_train", 0)),
+                validation_split=r.variant.validation_split,
+                batch_size=r.variant.batch_size,
+                epochs=r.variant.epochs,
+                train_flops=r.estimated_train_flops,
+            )
+            for r in runs
+        }
+        self.tracker = CostTracker()
+        self.results: dict[str, RunStatus] = {}  # run id -> status of its last finished attempt
         self.running: dict[str, tuple[str, PlannedRun]] = {}
+        self.started_at: dict[str, float] = {}
+        self.slots = 1  # the most runs seen running at once
         self.stream = stream or sys.stderr
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s = every_s if every_s is not None else (1.0 if self._tty else 15.0)
         self._last_status = self.start
         self._status = ""  # the live line currently drawn at the bottom of a terminal
 
+    @property
+    def done(self) -> int:
+        return sum(1 for status in self.results.values() if not status.is_failure())
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for status in self.results.values() if status.is_failure())
+
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - len(self.results) - len(self.running))
+
     def eta_s(self) -> float | None:
-        if not self.done_flops:
+        """Predicted seconds left; None until a run has finished (the prior alone is a guess)."""
+        if not any(not s.is_failure() for s in self.results.values()):
             return None
-        elapsed = time.monotonic() - self.start
-        return elapsed * (self.total_flops - self.done_flops) / self.done_flops
+        now = self.clock()
+        pending = [c for i, c in self.costs.items() if i not in self.results and i not in self.running]
+        running = [
+            (device, self.costs[i], now - self.started_at.get(i, now))
+            for i, (device, _run) in self.running.items()
+            if i in self.costs
+        ]
+        return self.tracker.eta_s(pending=pending, running=running, slots=self.slots)
 
     def started(self, run: PlannedRun, device: str = "this process") -> None:
+        self.results.pop(run.run_id, None)  # a retry: running again, not finished
         self.running[run.run_id] = (device, run)
+        self.started_at[run.run_id] = self.clock()
+        self.slots = max(self.slots, len(self.running))
         self._write(f"  {device}: start {run.variant.name} seed={run.seed}")
 
     def finished(self, record: RunRecord) -> None:
         device, _run = self.running.pop(record.run_id, ("", None))
-        if record.status.is_failure():
-            self.failed += 1
-        else:
-            self.done += 1
-        self.done_flops += self.flops.get(record.run_id, 1)
+        self.started_at.pop(record.run_id, None)
+        self.results[record.run_id] = record.status
+        wall_s = record.timings.get("wall_s", 0.0)
+        if not record.status.is_failure() and record.run_id in self.costs and wall_s > 0:
+            self.tracker.observe(device or record.device, self.costs[record.run_id], wall_s)
         if record.status is RunStatus.DONE:
             result = f"acc {100 * (record.test_accuracy or 0):.2f}%"
             if record.diagnosis is not None and record.diagnosis.health.is_problem():
@@ -162,7 +202,7 @@ class Progress:
             last = (record.error or "").strip().splitlines()[-1:] or [""]
             result = f"{record.status.value.upper()}: {last[0][:120]}"
         self._write(
-            f"[{self.done + self.failed}/{self.total}] {device + ': ' if device else ''}{record.variant} seed={record.seed}: "
+            f"[{len(self.results)}/{self.total}] {device + ': ' if device else ''}{record.variant} seed={record.seed}: "
             f"{result} ({record.timings.get('wall_s', 0):.1f}s) | {self.counts()}"
         )
 
@@ -176,16 +216,15 @@ class Progress:
         )
 
     def counts(self) -> str:
-        finished = self.done + self.failed
         eta = self.eta_s()
         return (
             f"done {self.done} failed {self.failed} running {len(self.running)} "
-            f"pending {self.total - finished - len(self.running)} | ETA {'?' if eta is None else _fmt_duration(eta)}"
+            f"pending {self.pending} | ETA {'?' if eta is None else _fmt_duration(eta)}"
         )
 
     def tick(self, active: Sequence[tuple[Any, PlannedRun, float]]) -> None:
         """Called by the scheduler while it waits: the device activity line, every `every_s`."""
-        now = time.monotonic()
+        now = self.clock()
         if not active or now - self._last_status < self.every_s:
             return
         self._last_status = now
