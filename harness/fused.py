@@ -201,7 +201,12 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             loss=config.loss,
             validation_split=variant.validation_split,
         )
-        options = fit_options(batch_size=variant.batch_size, n_fit=inputs.n_fit)
+        options = fit_options(
+            batch_size=variant.batch_size,
+            n_fit=inputs.n_fit,
+            n_val=0 if inputs.x_val is None else len(inputs.x_val),
+            n_test=len(inputs.x_test),
+        )
         layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
         model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
         compile_fused(
@@ -225,10 +230,10 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             epochs=variant.epochs,
             batch_size=variant.batch_size,
             validation=inputs.validation,
-            eval_batch_size=options.eval_batch_size,
+            eval_batch_size=options.validation_batch_size,
         )
         trained = time.perf_counter()
-        tests = evaluate_copies(model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.eval_batch_size)
+        tests = evaluate_copies(model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.test_batch_size)
         finished = time.perf_counter()
         params = int(copies[0].count_params())
         results = [CopyResult(h, d, loss, acc) for h, (loss, acc), d in zip(histories, tests, diverged_at)]
