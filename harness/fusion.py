@@ -1,0 +1,54 @@
+"""How many seeds of a variant train fused in one worker (parent side: no Keras).
+
+`--fuse K` forces K (1 turns fusion off). Auto: on CPU `CPU_AUTO_WIDTH` (what measured best on
+the 2-core machine, benchmarks/bench_engine.py); on a GPU as many copies as fit in the worker's
+share of its memory by the model's estimate (`ModelSummary.train_memory_bytes`, plus each copy's
+own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. Builder models (the user's
+own Keras code) train one run at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from harness.plan import PlannedRun
+
+CPU_AUTO_WIDTH = 5
+GPU_MAX_WIDTH = 32
+# Of a CPU worker's host memory estimate, the share fused copies may take.
+CPU_MEMORY_BYTES = 4 * 2**30
+
+
+def copy_memory_bytes(run: PlannedRun) -> int:
+    """Estimated memory one fused copy of `run` adds: its training state and activations, and
+    its own per-epoch permutation of the training inputs."""
+    summary = run.summary
+    n_fit = int(run.dataset.get("n_train", 0) * (1.0 - run.variant.validation_split))
+    inputs = 4 * n_fit * math.prod(summary.input_shape or (0,))
+    return summary.train_memory_bytes(batch_size=run.variant.batch_size) + inputs
+
+
+def fusable(run: PlannedRun) -> bool:
+    return run.variant.model.builder is None and bool(run.summary.layers)
+
+
+def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: int | None = None) -> int:
+    """The fusion width for `run`'s variant on a device of `device_kind` with `memory_bytes` free
+    for this worker (None: `CPU_MEMORY_BYTES` on CPU; on GPU, no memory limit known: the cap)."""
+    if not fusable(run):
+        return 1
+    cap = CPU_AUTO_WIDTH if device_kind == "cpu" else GPU_MAX_WIDTH
+    budget = memory_bytes if memory_bytes is not None else (CPU_MEMORY_BYTES if device_kind == "cpu" else None)
+    if budget is not None:
+        cap = min(cap, budget // max(1, copy_memory_bytes(run)))
+    return max(1, cap)
+
+
+def fuse_width(fuse: int | None, runs: Sequence[PlannedRun], *, device_kind: str = "cpu", memory_bytes: int | None = None) -> int:
+    """`fuse` when given (1: off), else auto for the first run's variant; 1 for builder models."""
+    if not runs or not fusable(runs[0]):
+        return 1
+    if fuse is not None:
+        return max(1, fuse)
+    return auto_fuse_width(runs[0], device_kind=device_kind, memory_bytes=memory_bytes)

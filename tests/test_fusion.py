@@ -1,0 +1,47 @@
+"""Fusion width: forced, off, auto from the device and the model's memory estimate (no Keras)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.fusion import CPU_AUTO_WIDTH, GPU_MAX_WIDTH, copy_memory_bytes, fuse_width
+from harness.spec import load_sweep
+from harness.sweep import prepare_sweep
+
+from conftest import tiny_sweep_text, write_sweep
+
+
+def _runs(tmp_path: Path, data_dir: Path):
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=3, train=1000, test=100)))
+    return [r for r in prepare_sweep(spec, data_dir=data_dir).runs if r.variant.name == "cnn_8"]
+
+
+def test_forced_off_and_auto(tmp_path: Path, data_dir: Path) -> None:
+    runs = _runs(tmp_path, data_dir)
+    assert fuse_width(4, runs) == 4 and fuse_width(1, runs) == 1
+    assert fuse_width(None, runs) == CPU_AUTO_WIDTH
+    assert fuse_width(None, runs, device_kind="gpu") == GPU_MAX_WIDTH
+
+
+def test_memory_limits_the_auto_width(tmp_path: Path, data_dir: Path) -> None:
+    runs = _runs(tmp_path, data_dir)
+    per_copy = copy_memory_bytes(runs[0])
+    # inputs: 900 training images of 28x28x1 floats per copy, plus weights and activations
+    assert per_copy > 4 * 900 * 784 + 4 * runs[0].summary.params
+    assert fuse_width(None, runs, device_kind="gpu", memory_bytes=3 * per_copy + 1) == 3
+    assert fuse_width(None, runs, memory_bytes=per_copy // 2) == 1  # never 0
+
+
+def test_builder_models_are_never_fused(tmp_path: Path, data_dir: Path) -> None:
+    import dataclasses
+
+    from harness.architecture import ModelSummary
+    from harness.spec import ModelConfig
+
+    run = _runs(tmp_path, data_dir)[0]
+    builder = dataclasses.replace(
+        run,
+        variant=dataclasses.replace(run.variant, model=ModelConfig.model_validate({"builder": "pkg.mod:build"})),
+        summary=ModelSummary(()),
+    )
+    assert fuse_width(None, [builder]) == 1 and fuse_width(8, [builder]) == 1
