@@ -88,7 +88,12 @@ class SweepOptions:
 
     @property
     def trainer(self) -> Trainer:
-        return Trainer(run=self.train_fn, group=self.train_group)
+        """The default trainer trains a group fused (`harness.fused.train_group`: K seeds as one
+        Keras program; a group of one is a plain run); a custom run function loops."""
+        group = self.train_group
+        if group is None and self.train_fn == DEFAULT_TRAIN_FN:
+            group = FUSED_GROUP_TRAINER
+        return Trainer(run=self.train_fn, group=group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,20 +124,27 @@ class SweepOutcome:
 
 # --------------------------------------------------------------------------- groups
 
-
-def fuse_width(fuse: int | None, runs: Sequence[PlannedRun]) -> int:
-    """Runs per group: `fuse`, or for None (auto) 1 until fused training lands."""
-    return fuse if fuse is not None else 1
+FUSED_GROUP_TRAINER = "harness.fused:train_group"
 
 
-def form_groups(runs: Sequence[PlannedRun], width: int) -> list[tuple[PlannedRun, ...]]:
-    """Pending runs of one variant (and backend) in groups of at most `width`, in plan order."""
+def fuse_width(fuse: int | None, runs: Sequence[PlannedRun] = (), *, device_kind: str = "cpu") -> Callable[[PlannedRun], int]:
+    """Runs per group, per variant: `fuse` (1: off), or for None (auto) what `harness.fusion`
+    chooses from the device kind and the model's memory estimate; builder models 1."""
+    from harness.fusion import fuse_width as width_of
+
+    return lambda run: width_of(fuse, [run], device_kind=device_kind)
+
+
+def form_groups(runs: Sequence[PlannedRun], width: int | Callable[[PlannedRun], int]) -> list[tuple[PlannedRun, ...]]:
+    """Pending runs of one variant (and backend) in groups of at most `width` (a number, or a
+    function of the variant's first run), in plan order."""
     by_variant: dict[tuple[str, str], list[PlannedRun]] = {}
     for run in runs:
         by_variant.setdefault((run.variant.variant_id, backend_of(run)), []).append(run)
     groups = []
     for members in by_variant.values():
-        groups += [tuple(members[i : i + width]) for i in range(0, len(members), width)]
+        size = max(1, width(members[0]) if callable(width) else width)
+        groups += [tuple(members[i : i + size]) for i in range(0, len(members), size)]
     return groups
 
 
@@ -168,7 +180,7 @@ class _Dispatcher:
         progress: Progress,
         retries: int,
         timeout_s: float | None,
-        width: int,
+        width: int | Callable[[PlannedRun], int],
         clock: Callable[[], float],
         trace: list[tuple] | None,
         poll_s: float,
@@ -326,9 +338,11 @@ def run_sweep(
     open_store: Callable[[], ResultStore] | None = None,
     clock: Callable[[], float] = time.monotonic,
     trace: list[tuple] | None = None,
+    device_kind: str = "cpu",
 ) -> SweepOutcome:
     """Train every planned run the store does not hold yet with `executor`, storing each record
-    as it arrives. Uses `options.rerun_failed/retries/timeout_s/fuse/lease_s`.
+    as it arrives. Uses `options.rerun_failed/retries/timeout_s/fuse/lease_s`; `device_kind`
+    ("cpu" | "gpu") sizes the fused groups when `options.fuse` is None (auto).
 
     `executor` defaults to training in this process with `options`' train function.
     `open_store` opens a second connection to the store for the lease heartbeat thread (a run
@@ -345,7 +359,7 @@ def run_sweep(
     )
     todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed))
     distinct = len({run.run_id for run in prepared.runs})
-    width = fuse_width(options.fuse, todo)
+    width = fuse_width(options.fuse, todo, device_kind=device_kind)
     if executor is None:
         executor = InlineExecutor(prepared.dataset, train=options.trainer.load())
     keeper = keeper or LeaseKeeper(lease_s=options.lease_s, clock=clock)
@@ -519,6 +533,7 @@ def execute_sweep(
             outcome = run_sweep(
                 prepared, store=store, executor=executor or InlineExecutor(prepared.dataset), options=options,
                 progress=progress, open_store=lambda: SQLiteStore(options.store, create=False), trace=trace,
+                device_kind="gpu" if machine.gpus else "cpu",
             )
     finally:
         if executor is not None:

@@ -170,11 +170,24 @@ def evaluate_copies(model: Any, *, n_copies: int, x: Any, y: Any, batch_size: in
     return out
 
 
+def warm_up() -> None:
+    """Import Keras once when a worker starts (the executor calls its trainer module's warm_up)."""
+    from harness.train import warm_up as train_warm_up
+
+    train_warm_up()
+
+
 def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]:
     """Train a group of runs of one variant (distinct seeds) as one fused Keras program; one
     `RunRecord` per run, in the order given. Any exception fails every run of the group (each a
-    FAILED record with the traceback), never a crash."""
+    FAILED record with the traceback), never a crash. Builder models (the user's own Keras code)
+    train one after another with `train.train_run`."""
     from harness.train import check_backend, fit_options, make_optimizer, prepared_inputs, release_memory
+
+    if any(run.variant.model.builder is not None for run in runs):
+        from harness.train import train_run
+
+        return [train_run(run, dataset) for run in runs]
 
     started_at = utcnow()
     start = time.perf_counter()
