@@ -252,7 +252,7 @@ def test_a_lost_group_fails_its_runs_and_is_retried(prepared, tmp_path: Path) ->
     clock = FakeClock()
     executor = ScriptedExecutor(clock, lose={1})
     with SQLiteStore(tmp_path / "h.db") as store:
-        outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(retries=1),
+        outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(retries=1, fuse=1),
                             progress=quiet(), clock=clock)
         first = executor.submitted[0].run_ids[0]
         assert store.attempts(first) == 2 and store.get(first).status is RunStatus.DONE
