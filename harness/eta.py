@@ -129,10 +129,14 @@ class CostTracker:
         return self._models[key]  # type: ignore[index]
 
     def eta_s(self, *, pending: Iterable[RunCost], running: Iterable[tuple[str, RunCost, float]], slots: int) -> float:
-        """Seconds until every run is done: what the running runs still need (their prediction
-        less their age) and the pending runs' predictions, shared by `slots` parallel workers;
-        at least the longest running run's remaining time."""
+        """Seconds until every run is done: what each busy device still needs (the predictions of
+        the runs it trains, fused or not, less how long it has been at them) and the pending
+        runs' predictions, shared by `slots` parallel workers; at least the busiest device's."""
         pending_s = sum(self.model(None).predict(c) for c in pending)
-        left = [max(0.0, self.model(device).predict(c) - age) for device, c, age in running]
+        busy: dict[str, tuple[float, float]] = {}
+        for device, cost, age in running:
+            predicted, oldest = busy.get(device, (0.0, 0.0))
+            busy[device] = (predicted + self.model(device).predict(cost), max(oldest, age))
+        left = [max(0.0, predicted - age) for predicted, age in busy.values()]
         total = (pending_s + sum(left)) / max(1, slots)
         return max(total, max(left, default=0.0))

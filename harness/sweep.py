@@ -144,7 +144,7 @@ class Progress:
         self.results: dict[str, RunStatus] = {}  # run id -> status of its last finished attempt
         self.running: dict[str, tuple[str, PlannedRun]] = {}
         self.started_at: dict[str, float] = {}
-        self.slots = 1  # the most runs seen running at once
+        self.slots = 1  # the most devices seen busy at once (a fused group is one)
         self.stream = stream or sys.stderr
         self.clock = clock
         self.start = clock()
@@ -182,7 +182,7 @@ class Progress:
         self.results.pop(run.run_id, None)  # a retry: running again, not finished
         self.running[run.run_id] = (device, run)
         self.started_at[run.run_id] = self.clock()
-        self.slots = max(self.slots, len(self.running))
+        self.slots = max(self.slots, len({device for device, _run in self.running.values()}))
         self._write(f"  {device}: start {run.variant.name} seed={run.seed}")
 
     def finished(self, record: RunRecord) -> None:

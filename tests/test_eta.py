@@ -54,6 +54,9 @@ def test_tracker_predicts_per_device_and_shares_pending_work_among_slots() -> No
     assert eta == pytest.approx((4 * pooled + 3.0) / 2)
     # one long run left on one device: the ETA is what it still needs, not a share of it
     assert tracker.eta_s(pending=[], running=[("cpu", RunCost(1000, 0), 1.0)], slots=4) == pytest.approx(3.0)
+    # a fused group of three on one device: their predictions add up, the group's age counts once
+    group = [("cpu", RunCost(1000, 0), 5.0)] * 3
+    assert tracker.eta_s(pending=[], running=group, slots=1) == pytest.approx(3 * 4.0 - 5.0)
 
 
 def test_progress_counts_runs_not_attempts_and_eta_follows_the_fitted_model(tmp_path, data_dir) -> None:
