@@ -219,6 +219,8 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             n_fit=inputs.n_fit,
             n_val=0 if inputs.x_val is None else len(inputs.x_val),
             n_test=len(inputs.x_test),
+            # a fused step does the work of n copies: the per-execution FLOP cap counts them all
+            train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
         )
         layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
         model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
