@@ -1,7 +1,8 @@
 """How many seeds of a variant train fused in one worker (parent side: no Keras).
 
-`--fuse K` forces K (1 turns fusion off). Auto: on CPU `CPU_AUTO_WIDTH` (what measured best on
-the 2-core machine, benchmarks/bench_engine.py); on a GPU as many copies as fit in the worker's
+`--fuse K` forces K (1 turns fusion off). Auto: on CPU `CPU_AUTO_WIDTH` (a default not yet
+measured against other widths: the shared machine gave no usable timing; measure with
+benchmarks/bench_engine.py --width K); on a GPU as many copies as fit in the worker's
 share of its memory by the model's estimate (`ModelSummary.train_memory_bytes`, plus each copy's
 own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. Builder models (the user's
 own Keras code) train one run at a time.
