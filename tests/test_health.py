@@ -254,3 +254,15 @@ def test_real_batchnorm_cnn_with_a_lower_momentum_trains_past_the_mismatch(tmp_p
     assert bn.status is RunStatus.DONE, bn.error
     assert bn.diagnosis is not None and bn.diagnosis.health is Health.HEALTHY
     assert bn.test_accuracy > 0.8
+
+
+def test_seed_000s_published_log_is_a_collapse_with_its_causes_named() -> None:
+    # ../shared/seeds/000_*.txt: 256x4 relu, sigmoid output, raw 0-255 pixels, adam; every epoch
+    # "loss: 2.3026 - acc: 0.0987", test accuracy 0.098 (the notebook suspected overfitting)
+    traits = model_traits(
+        {"preprocess": "none", "dense": {"units": [256] * 4}, "output_activation": "sigmoid", "optimizer": "adam"}
+    )
+    d = diagnose(history={"loss": [2.3026] * 20, "accuracy": [0.0987] * 20}, test_accuracy=0.098,
+                 test_loss=2.3026, num_classes=10, traits=traits, steps=20 * 600)
+    assert d.health is Health.COLLAPSED
+    assert d.causes == (Cause.RAW_INPUTS, Cause.SIGMOID_OUTPUT)
