@@ -120,6 +120,11 @@ def cli() -> None:
 @click.option("--workers", type=int, default=None, help="CPU worker processes (default: one per core).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")
 @click.option("--in-process", is_flag=True, help="Train in this process, one run at a time (debugging).")
+@click.option("--executor", "executor_kind", type=click.Choice(["pool", "ray"]), default="pool", show_default=True,
+              help="pool: worker processes on this machine; ray: actors on a Ray cluster (pip install -e \".[ray]\").")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to use with --executor ray, e.g. auto or 10.0.0.5:6379 (default: $RAY_ADDRESS, "
+                   "else a local cluster on 127.0.0.1).")
 @click.option("--keras-backend", type=click.Choice(["tensorflow", "jax", "torch", "auto"]), default=None,
               help="Keras backend of every variant (default: the sweep's budget.keras_backend, else "
                    "$KERAS_BACKEND, else tensorflow); auto: the fastest measured by `harness calibrate`.")
@@ -143,6 +148,8 @@ def sweep(
     workers: int | None,
     threads: int | None,
     in_process: bool,
+    executor_kind: str,
+    address: str | None,
     keras_backend: str | None,
     fuse: int | None,
     dry_run: bool,
@@ -156,8 +163,11 @@ def sweep(
         seeds=seeds, epochs=epochs, subset=parse_subset(subset) if subset else None, only=only,
         keras_backend=keras_backend,
     )
+    if in_process and executor_kind != "pool":
+        raise UserError("--in-process trains in this process; drop it to use --executor ray", key="--in-process")
     options = SweepOptions(
-        store=store_path, data_dir=data_dir, executor=ExecutorKind.INLINE if in_process else ExecutorKind.POOL,
+        store=store_path, data_dir=data_dir, executor=ExecutorKind.INLINE if in_process else ExecutorKind(executor_kind),
+        address=address,
         rerun_failed=rerun_failed, retries=retries, timeout_s=timeout_s, fuse=fuse,
         gpus=tuple(parse_gpu_list(gpus)) if gpus is not None else None, runs_per_gpu=runs_per_gpu,
         workers=workers, threads=threads,

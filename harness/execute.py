@@ -453,7 +453,7 @@ def _data_source(spec: SweepSpec, options: SweepOptions):
 
 
 def make_executor(
-    spec: SweepSpec, options: SweepOptions, machine: _Machine, *, pending: int, dataset=None
+    spec: SweepSpec, options: SweepOptions, machine: _Machine, *, pending: int, dataset=None, owns_cluster: bool = False
 ) -> Executor:
     """The executor `options.executor` names, sized for `pending` runs."""
     if options.executor is ExecutorKind.INLINE:
@@ -461,8 +461,9 @@ def make_executor(
     if options.executor is ExecutorKind.RAY:
         from harness.ray_executor import RayExecutor  # Ray imported only there
 
-        return RayExecutor.connect(
-            spec=spec, options=options, backend=machine.first_backend, pending=pending, dataset=dataset
+        return RayExecutor.for_cluster(
+            spec=spec, options=options, backend=machine.first_backend, pending=pending, dataset=dataset,
+            owns_cluster=owns_cluster,
         )
     from harness.scheduler import LocalPoolExecutor
 
@@ -515,6 +516,11 @@ def execute_sweep(
 
         use_backend_in_process(machine.backends)  # KERAS_BACKEND before Keras is imported here
     executor: Executor | None = None
+    owns_cluster = False
+    if options.executor is ExecutorKind.RAY:
+        from harness.ray_executor import connect
+
+        owns_cluster = connect(options.address)  # no Ray, or no cluster there: one line, nothing written
     try:
         if options.executor is ExecutorKind.POOL and not _sweep_in_store(options.store, spec.name):
             # A new sweep: every run is pending, so start the workers now; they import Keras and
@@ -527,7 +533,9 @@ def execute_sweep(
         with SQLiteStore(options.store) as store:
             pending = pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed)
             if executor is None and pending:
-                executor = make_executor(spec, options, machine, pending=len(pending), dataset=prepared.dataset)
+                executor = make_executor(
+                    spec, options, machine, pending=len(pending), dataset=prepared.dataset, owns_cluster=owns_cluster
+                )
             if executor is not None:
                 say(executor.describe())
             outcome = run_sweep(
@@ -538,6 +546,10 @@ def execute_sweep(
     finally:
         if executor is not None:
             executor.shutdown()
+        if owns_cluster:
+            from harness.ray_executor import disconnect
+
+            disconnect()
     if outcome.executor_summary:
         say(outcome.executor_summary)
     return outcome

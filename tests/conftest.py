@@ -112,3 +112,26 @@ def train_on(backend_trainers):
         return backend_trainers[backend].train(run, prepared)
 
     return train
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE local Ray cluster for the whole test run (2 CPUs, 127.0.0.1 only, no dashboard, token
+    auth on), started the way the harness starts its own; skipped where Ray is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: Ray reads its settings on import
+        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+    # actors import the fake train functions (tests/) and this checkout by path
+    paths = [str(Path(__file__).parent), str(REPO)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    from harness.ray_executor import start_local_cluster
+
+    start_local_cluster(num_cpus=2)  # imports Ray after setting what Ray reads on import
+    import ray
+
+    yield ray
+    ray.shutdown()

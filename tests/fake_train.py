@@ -76,3 +76,17 @@ def warm_up() -> None:
     """Called by a worker before its first run (as harness.train.warm_up imports TensorFlow)."""
     if os.environ.get("HARNESS_FAKE_BROKEN_INSTALL"):
         raise ImportError("libtensorflow_framework.so.2: cannot open shared object file")
+
+
+def crashy_raise(run, dataset) -> RunRecord:
+    """seed 1 raises (a bug in user code); others fine. Safe in any executor (no kill, no hang)."""
+    _log(run)
+    if run.seed == 1:
+        raise ValueError("shape mismatch in layer dense_7")
+    return _record(run)
+
+
+def uses_data(run, dataset) -> RunRecord:
+    """Logs the size of the data it was handed (Ray actors get it from the object store)."""
+    _log(run, n_train=int(len(dataset.y_train)))
+    return _record(run)

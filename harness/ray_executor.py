@@ -1,0 +1,395 @@
+"""The Ray executor: long-lived Ray actors, one per slot, on a cluster of machines.
+
+`harness sweep FILE --executor ray [--address ADDR]` (`RAY_ADDRESS` honoured). Ray is imported
+only in this module, and only when a sweep asks for it (`pip install -e ".[ray]"`).
+
+- One actor per slot: a GPU slot asks for `num_gpus = 1 / runs_per_gpu` (Ray sets
+  `CUDA_VISIBLE_DEVICES`; memory growth / sharing comes from the backend's worker env, set before
+  any Keras op), a CPU slot for `num_cpus = threads`. Each actor's environment is its slot's
+  (`KERAS_BACKEND` among it) plus the driver's `HARNESS_*` settings, given as the actor's
+  `runtime_env`, so Keras is imported with the
+  right backend once per actor and the data prepared once per actor.
+- The dataset goes to the object store once (`ray.put`): worker nodes need no data files and no
+  shared filesystem. What travels to the cluster: the run's code (the harness package and the
+  train function, imported by path; a builder model's module) and config, and the dataset. What
+  comes back: run records (JSON). Only the driver writes the store.
+- Records stream back as each group finishes (`ray.wait`). A group whose actor or node dies is
+  reported as `GroupLost` and the actor replaced (Ray places it on a node that is alive); the
+  sweep routine retries or records the runs FAILED with the cause: never lost, never duplicated.
+
+Security: a Ray cluster runs any code its clients send. A local cluster started here is bound to
+127.0.0.1, runs no dashboard and has token authentication on (a fresh random token in this
+process's environment unless `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH` name one). Connecting to a
+cluster (`--address`), Ray reads the token from `RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH` /
+`~/.ray/auth_token` itself; the harness never logs, prints or stores it, and opens no port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from harness.devices import WorkerSlot
+from harness.errors import UserError, WorkerStartError
+from harness.executor import (
+    ExecutorEvent,
+    GroupLost,
+    GroupStarted,
+    RecordsReturned,
+    Trainer,
+    WorkGroup,
+    check_records,
+    failed_record,
+)
+from harness.records import RunRecord
+
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's switch for a loopback-only node
+
+
+def import_ray():
+    """Ray, or a one-line `UserError` saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(
+            "--executor ray needs Ray, which is not installed here: pip install -e \".[ray]\"", key="--executor"
+        ) from None
+    return ray
+
+
+def start_local_cluster(*, num_cpus: int | None = None, num_gpus: int | None = None, **kwargs: Any) -> None:
+    """A Ray cluster on this machine only: loopback addresses, no dashboard, token auth on.
+
+    Call before anything else imported Ray in this process (the loopback switch is read when Ray
+    is imported)."""
+    for key, value in LOCAL_ONLY_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        # a fresh token for this cluster only, inherited by the processes it starts; never written out
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    already = "ray._raylet" in sys.modules
+    ray = import_ray()
+    if already:  # Ray read its settings when it was imported: make it see token mode now
+        from ray._raylet import Config
+
+        Config.initialize("")
+    ray.init(
+        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level="WARNING",
+        log_to_driver=False, configure_logging=True, **kwargs,
+    )
+
+
+def connect(address: str | None) -> bool:
+    """Connect to `address` (or `$RAY_ADDRESS`), or start a local cluster. True when this call
+    started a cluster (the executor shuts it down at the end)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        start_local_cluster()
+        return True
+    try:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, auth errors, bad address...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot connect to the Ray cluster at {address!r}: {first[:300]}", key="--address") from None
+    return False
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's harness settings (`HARNESS_*`) travel to the actors, as to pool workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith("HARNESS_")}
+
+
+def disconnect() -> None:
+    """Stop the local cluster `connect` started (idempotent)."""
+    if "ray" in sys.modules:
+        ray = sys.modules["ray"]
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def ray_slots(
+    resources: dict[str, float],
+    *,
+    pending: int,
+    backend: str,
+    runs_per_gpu: int = 1,
+    workers: int | None = None,
+    threads: int | None = None,
+    deterministic: bool = False,
+) -> list[WorkerSlot]:
+    """Actors for a cluster with `resources` (`ray.cluster_resources()`): with GPUs, runs_per_gpu
+    actors per GPU; otherwise one actor per `threads` CPUs. Never more actors than pending runs."""
+    from harness.backends import worker_env
+
+    gpus = int(resources.get("GPU", 0))
+    threads = threads or 1
+    pending = max(1, pending)
+    if gpus:
+        count = min(workers or gpus * runs_per_gpu, pending)
+        env = tuple(
+            (k, v) for k, v in worker_env(backend, threads=threads, gpu=0, runs_per_gpu=runs_per_gpu,
+                                          deterministic=deterministic)
+            if k != "CUDA_VISIBLE_DEVICES"  # Ray sets it for each actor
+        )
+        return [WorkerSlot(f"ray-gpu.{i}", "ray:gpu", threads, env, backend, runs_per_gpu, deterministic)
+                for i in range(count)]
+    cpus = int(resources.get("CPU", 1))
+    count = min(workers or max(1, cpus // threads), pending)
+    env = worker_env(backend, threads=threads, deterministic=deterministic)
+    return [WorkerSlot(f"ray-cpu.{i}", "ray:cpu", threads, env, backend, 1, deterministic) for i in range(count)]
+
+
+def _slot_for_backend(slot: WorkerSlot, backend: str) -> WorkerSlot:
+    from harness.backends import worker_env
+
+    gpu = 0 if slot.device == "ray:gpu" else None
+    env = tuple(
+        (k, v) for k, v in worker_env(backend, threads=slot.threads, gpu=gpu, runs_per_gpu=slot.runs_per_gpu,
+                                      deterministic=slot.deterministic)
+        if not (gpu is not None and k == "CUDA_VISIBLE_DEVICES")
+    )
+    return dataclasses.replace(slot, backend=backend, env=env)
+
+
+class RayTrainer:
+    """The body of a harness actor (wrapped with `ray.remote` by the executor)."""
+
+    def __init__(self, trainer: Trainer, dataset: Any) -> None:
+        import signal
+
+        for signum in (signal.SIGINT,):
+            signal.signal(signum, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+        self.train = trainer.load()
+        trainer.warm_up()  # Keras imported here, once, with this actor's KERAS_BACKEND
+        self.dataset = dataset  # resolved from the object store once
+
+    def ready(self) -> tuple[int, str]:
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def train_group(self, group_id: int, runs: tuple) -> list[str]:
+        try:
+            records = check_records(runs, self.train(runs, self.dataset))
+        except Exception:  # noqa: BLE001 - a group trainer that raised
+            records = [failed_record(run, traceback.format_exc()) for run in runs]
+        return [record.to_json() for record in records]
+
+
+@dataclasses.dataclass
+class _Actor:
+    slot: WorkerSlot
+    handle: Any
+    ready_ref: Any
+    started_at: float
+    ready: bool = False
+    node: str = ""
+    group: WorkGroup | None = None
+    task: Any = None
+    sent_at: float = 0.0
+    assigned: WorkGroup | None = None
+
+
+@dataclasses.dataclass
+class RayStats:
+    actor_starts: int = 0
+    warm_up_s: list[float] = dataclasses.field(default_factory=list)
+    return_s: list[float] = dataclasses.field(default_factory=list)
+
+    def overhead_per_run_s(self) -> float:
+        return sum(self.return_s) / len(self.return_s) if self.return_s else 0.0
+
+    def describe(self) -> str:
+        warm = sum(self.warm_up_s) / len(self.warm_up_s) if self.warm_up_s else 0.0
+        return (
+            f"ray: {self.actor_starts} actor starts, warm-up mean {warm:.1f} s, "
+            f"scheduler overhead per run: mean {self.overhead_per_run_s():.3f} s"
+        )
+
+
+class RayExecutor:
+    """Ray actors, one per `WorkerSlot`; see the module docstring."""
+
+    def __init__(
+        self,
+        slots: Sequence[WorkerSlot],
+        *,
+        dataset: Any,
+        trainer: Trainer = Trainer(),
+        owns_cluster: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not slots:
+            raise ValueError("a Ray executor needs at least one slot")
+        self.ray = import_ray()
+        self.slots = list(slots)
+        self.trainer = trainer
+        self.owns_cluster = owns_cluster
+        self.clock = clock
+        self.stats = RayStats()
+        self._dataset = dataset
+        self._dataset_ref = None
+        self._actor_class = None
+        self._actors: list[_Actor] = []
+        self._events: list[ExecutorEvent] = []
+
+    @classmethod
+    def for_cluster(cls, *, spec, options, backend: str, pending: int, dataset, owns_cluster: bool) -> "RayExecutor":
+        """Actors sized to the connected cluster (`connect` first)."""
+        ray = import_ray()
+        slots = ray_slots(
+            ray.cluster_resources(), pending=pending, backend=backend, runs_per_gpu=options.runs_per_gpu,
+            workers=options.workers, threads=options.threads, deterministic=spec.deterministic,
+        )
+        return cls(slots, dataset=dataset, trainer=options.trainer, owns_cluster=owns_cluster)
+
+    # ------------------------------------------------------------------ actors
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{s.name} ({s.backend})" for s in self.slots)
+        return f"workers: {len(self.slots)} Ray actors: {kinds}"
+
+    def start(self) -> None:
+        if self._actors:
+            return
+        self._dataset_ref = self.ray.put(self._dataset)  # once: every actor reads the same copy
+        self._actor_class = self.ray.remote(RayTrainer)
+        self._actors = [self._start(slot) for slot in self.slots]
+
+    def _start(self, slot: WorkerSlot) -> _Actor:
+        resources: dict[str, Any] = {"num_cpus": slot.threads}
+        if slot.device == "ray:gpu":
+            resources["num_gpus"] = 1 / max(1, slot.runs_per_gpu)
+        env = {**forwarded_env(), **slot.environ()}
+        handle = self._actor_class.options(  # type: ignore[union-attr]
+            runtime_env={"env_vars": env}, max_restarts=0, max_task_retries=0, **resources
+        ).remote(self.trainer, self._dataset_ref)
+        self.stats.actor_starts += 1
+        return _Actor(slot=slot, handle=handle, ready_ref=handle.ready.remote(), started_at=self.clock())
+
+    def _replace(self, actor: _Actor, slot: WorkerSlot | None = None) -> _Actor:
+        self._kill(actor)
+        fresh = self._start(slot or actor.slot)
+        self._actors[self._actors.index(actor)] = fresh
+        return fresh
+
+    def _kill(self, actor: _Actor) -> None:
+        try:
+            self.ray.kill(actor.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+
+    def shutdown(self) -> None:
+        """Kill every actor (those training are cancelled: nothing of theirs is kept)."""
+        for actor in self._actors:
+            self._kill(actor)
+        self._actors = []
+        if self.owns_cluster and self.ray.is_initialized():
+            self.ray.shutdown()
+            self.owns_cluster = False
+
+    # ------------------------------------------------------------------ work
+
+    def _idle(self) -> list[_Actor]:
+        return [a for a in self._actors if a.ready and a.group is None and a.assigned is None]
+
+    def idle_backends(self) -> list[str | None]:
+        return [a.slot.backend for a in self._idle()]
+
+    def submit(self, group: WorkGroup) -> None:
+        idle = self._idle()
+        if not idle:
+            raise RuntimeError("no idle actor to take a group")
+        actor = next((a for a in idle if a.slot.backend == group.backend), None)
+        if actor is None:
+            actor = self._replace(idle[0], _slot_for_backend(idle[0].slot, group.backend))
+            actor.assigned = group
+            return
+        self._send(actor, group)
+
+    def _send(self, actor: _Actor, group: WorkGroup) -> None:
+        actor.group, actor.assigned, actor.sent_at = group, None, self.clock()
+        actor.task = actor.handle.train_group.remote(group.group_id, group.runs)
+        self._events.append(GroupStarted(group.group_id, actor.slot.name, f"ray:{actor.node[:12]}"))
+
+    def cancel(self, group_id: int) -> None:
+        for actor in list(self._actors):
+            if actor.group is not None and actor.group.group_id == group_id:
+                self._replace(actor)
+
+    def poll(self, timeout_s: float) -> list[ExecutorEvent]:
+        if not self._events:
+            refs = {a.ready_ref: a for a in self._actors if not a.ready}
+            refs.update({a.task: a for a in self._actors if a.task is not None})
+            if refs:
+                done, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+                if done:
+                    done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
+                for ref in done:
+                    actor = refs[ref]
+                    if actor in self._actors:
+                        self._finished(actor, ref)
+            else:
+                time.sleep(timeout_s)
+        events, self._events = self._events, []
+        return events
+
+    def _finished(self, actor: _Actor, ref: Any) -> None:
+        if ref is actor.ready_ref and not actor.ready:
+            try:
+                _pid, actor.node = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                self._died_starting(actor, exc)
+                return
+            actor.ready = True
+            self.stats.warm_up_s.append(self.clock() - actor.started_at)
+            if actor.assigned is not None:
+                self._send(actor, actor.assigned)
+            return
+        group, actor.task = actor.group, None
+        actor.group = None
+        if group is None:
+            return
+        try:
+            texts = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            cause = _first_line(exc)
+            self._events.append(GroupLost(
+                group.group_id,
+                f"Ray actor {actor.slot.name} on node {actor.node[:12]} died while training this run: {cause}",
+            ))
+            self._replace(actor)
+            return
+        records = tuple(RunRecord.from_json(text) for text in texts)
+        inside = sum(r.timings.get("wall_s", 0.0) for r in records)
+        self.stats.return_s.append(max(0.0, self.clock() - actor.sent_at - inside))
+        self._events.append(RecordsReturned(group.group_id, records))
+
+    def _died_starting(self, actor: _Actor, exc: Exception) -> None:
+        text = str(exc)
+        if "creation task" in text or "__init__" in text:
+            raise WorkerStartError(
+                f"Ray actor {actor.slot.name} ({actor.slot.backend}) could not start: {_first_line(exc)}",
+                key=self.trainer.group or self.trainer.run,
+            )
+        fresh = self._replace(actor)  # its node went away before it was ready: start it elsewhere
+        fresh.assigned = actor.assigned
+
+    def summary(self) -> str | None:
+        return self.stats.describe() if self.stats.return_s else None
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__

@@ -1,0 +1,112 @@
+"""One contract, every executor: inline, the local process pool and Ray (a real local cluster)
+train a sweep with the same store, report, resume, retries and failure records.
+
+Scheduling is the point here, so runs use the fake train functions of tests/fake_train.py in the
+executors' real workers (processes, actors); `test_a_tiny_real_sweep` trains with TensorFlow once
+per executor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.execute import SweepOptions, execute_sweep
+from harness.records import RunStatus
+from harness.report import load_results
+from harness.spec import load_sweep
+from harness.store import SQLiteStore
+from harness.sweep import Progress
+
+from conftest import tiny_sweep_text, write_sweep
+
+EXECUTORS = ["inline", "pool", "ray"]
+
+
+@pytest.fixture(params=EXECUTORS)
+def executor(request) -> str:
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    return request.param
+
+
+@pytest.fixture()
+def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("HARNESS_FAKE_LOG", str(path))
+    monkeypatch.setenv("HARNESS_FAKE_SLEEP", "0.01")
+    return path
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def sweep(tmp_path: Path, executor: str, data_dir: Path, *, seeds: int = 2, train_fn: str = "ok", **options):
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=seeds, train=300, test=100)))
+    opts = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor=executor,
+                        train_fn=f"fake_train:{train_fn}", workers=None if executor == "inline" else 2, **options)
+    return execute_sweep(spec, opts, progress=Progress((), stream=io.StringIO()))
+
+
+def test_every_run_is_stored_once_and_reported(tmp_path: Path, data_dir: Path, executor: str, log: Path) -> None:
+    outcome = sweep(tmp_path, executor, data_dir)
+    assert outcome.planned == 4 and outcome.trained == 4 and outcome.failed == 0 and outcome.attempts == 4
+    made = [c["run_id"] for c in calls(log)]
+    assert sorted(made) == sorted(r.run_id for r in outcome.records) and len(set(made)) == 4
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        assert store.claims() == {}
+        summary = load_results(store, "tiny").summary.set_index("variant")
+        assert list(summary["n"]) == [2, 2] and all(summary["mean"] == 90.0)
+        assert all(store.attempts(r.run_id) == 1 for r in outcome.records)
+
+
+def test_resume_trains_exactly_the_missing_seeds(tmp_path: Path, data_dir: Path, executor: str, log: Path) -> None:
+    first = sweep(tmp_path, executor, data_dir, seeds=2)
+    again = sweep(tmp_path, executor, data_dir, seeds=3)
+    assert again.skipped == 4 and again.trained == 2
+    assert sorted(r.seed for r in again.records) == [2, 2]
+    assert len(calls(log)) == first.trained + again.trained == 6
+    nothing = sweep(tmp_path, executor, data_dir, seeds=3)
+    assert nothing.trained == 0 and nothing.skipped == 6 and len(calls(log)) == 6
+
+
+def test_failures_become_records_and_retries_count_runs(tmp_path: Path, data_dir: Path, executor: str, log: Path) -> None:
+    outcome = sweep(tmp_path, executor, data_dir, train_fn="flaky", retries=1)
+    assert outcome.trained == 4 and outcome.attempts == 8 and outcome.failed == 0
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        assert all(store.attempts(r.run_id) == 2 and r.status is RunStatus.DONE for r in outcome.records)
+    (tmp_path / "x").mkdir()
+    raising = sweep(tmp_path / "x", executor, data_dir, train_fn="crashy_raise")
+    by_seed = {r.seed: r for r in raising.records}
+    assert by_seed[0].status is RunStatus.DONE
+    assert by_seed[1].status is RunStatus.FAILED and "ValueError: shape mismatch" in by_seed[1].error
+    assert raising.has_failed_runs
+
+
+def test_groups_of_one_variant_come_back_together(tmp_path: Path, data_dir: Path, executor: str, log: Path) -> None:
+    outcome = sweep(tmp_path, executor, data_dir, seeds=3, fuse=3)
+    assert outcome.trained == 6
+    variants = {r.run_id: r.variant for r in outcome.records}
+    made = calls(log)
+    # each group of three seeds trained in one worker, one after the other
+    assert [variants[c["run_id"]] for c in made[:3]] == [variants[made[0]["run_id"]]] * 3
+    assert len({c["pid"] for c in made[:3]}) == 1 and len({c["pid"] for c in made[3:]}) == 1
+
+
+@pytest.mark.slow
+def test_a_tiny_real_sweep(tmp_path: Path, data_dir: Path, executor: str) -> None:
+    """Real TensorFlow in each executor's workers: same store, same report."""
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=500, test=200)))
+    options = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor=executor,
+                           workers=None if executor == "inline" else 2)
+    outcome = execute_sweep(spec, options, progress=Progress((), stream=io.StringIO()))
+    assert outcome.trained == 2 and outcome.failed == 0
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        records = store.records(r.run_id for r in outcome.records)
+        assert all(r.status is RunStatus.DONE and r.test_accuracy > 0.3 for r in records)
+        assert all(r.versions.get("tensorflow") for r in records)
+        assert len(load_results(store, "tiny").summary) == 2

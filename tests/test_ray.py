@@ -1,0 +1,165 @@
+"""Ray specifics on real clusters: the security defaults of the clusters the harness starts, the
+dataset shipped once, the one-line error without Ray, and a multi-node cluster that loses a node
+mid-sweep (`ray.cluster_utils.Cluster`, head + 2 worker nodes, in a child process of its own).
+
+The shared behaviour (store, report, resume, retries) is in tests/test_executors.py, run on the
+session's one local cluster (conftest `ray_cluster`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.execute import SweepOptions, execute_sweep
+from harness.spec import load_sweep
+from harness.sweep import Progress
+
+from conftest import tiny_sweep_text, write_sweep
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+
+def test_without_ray_the_ray_executor_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Python where `import ray` fails (a blocker on sys.path): exit 2, one line, nothing trained."""
+    blocker = tmp_path / "blocker"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", "sweep", str(sweep), "--store", str(tmp_path / "h.db"), "--executor", "ray"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--executor ray needs Ray" in lines[0] and '.[ray]' in lines[0]
+    assert not (tmp_path / "h.db").exists()
+
+
+def test_address_without_ray_executor_is_refused() -> None:
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    result = CliRunner().invoke(cli, ["sweep", "x.yaml", "--address", "auto"])
+    assert result.exit_code == 2
+
+
+def test_the_local_cluster_is_loopback_token_auth_and_no_dashboard(ray_cluster) -> None:
+    ray = ray_cluster
+    nodes = ray.nodes()
+    assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
+    context = ray.get_runtime_context()
+    assert not getattr(ray._private.worker.global_worker.node, "webui_url", None)  # no dashboard
+    assert context.get_node_id()
+
+
+def test_actors_get_the_data_from_the_object_store_not_from_files(
+    ray_cluster, tmp_path: Path, data_dir: Path, monkeypatch
+) -> None:
+    """The workers need no data files: the driver's data folder is hidden from them."""
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("HARNESS_FAKE_LOG", str(log))
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "nothing-here"))  # what actors would see
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100)))
+    outcome = execute_sweep(
+        spec, SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor="ray", train_fn="fake_train:uses_data"),
+        progress=Progress((), stream=io.StringIO()),
+    )
+    assert outcome.trained == 2 and outcome.failed == 0
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(c["n_train"] == 300 for c in seen)
+
+
+CLUSTER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading, time
+    from pathlib import Path
+
+    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+                       "RAY_AUTH_TOKEN": "test-" + os.urandom(16).hex()})
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from harness.execute import SweepOptions, execute_sweep
+    from harness.spec import load_sweep
+
+    def main():
+        sweep, store, data_dir, log = sys.argv[1:]
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+
+        def remove_a_node():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                calls = Path(log).read_text().splitlines() if Path(log).exists() else []
+                if len(calls) >= 3:
+                    cluster.remove_node(workers[0], allow_graceful=False)
+                    print("removed", flush=True)
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=remove_a_node, daemon=True).start()
+        trace = []
+        outcome = execute_sweep(load_sweep(sweep), SweepOptions(store=store, data_dir=data_dir, executor="ray",
+                                train_fn="fake_train:ok", retries=1), trace=trace)
+        print(json.dumps({"trained": outcome.trained, "failed": outcome.failed, "attempts": outcome.attempts,
+                          "lost": [e[2] for e in trace if e[0] == "lost"]}), flush=True)
+        ray.shutdown()
+        cluster.shutdown()
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path, data_dir: Path) -> None:
+    from harness.store import SQLiteStore
+
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=4, train=300, test=100))
+    log = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HARNESS_FAKE_LOG": str(log),
+           "HARNESS_FAKE_SLEEP": "2"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, str(script), str(sweep), str(tmp_path / "h.db"), str(data_dir), str(log)],
+                            env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removed" in result.stdout
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["trained"] == 8 and summary["failed"] == 0
+    assert summary["lost"] and all("died" in cause for cause in summary["lost"])
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        plan = [run_id for run_id, _v, _s in store.plan("tiny")]
+        records = store.records(plan)
+        assert len(records) == 8 and all(r.status.value == "done" for r in records)  # none lost
+        assert store.claims() == {}
+        attempts = {run_id: store.attempts(run_id) for run_id in plan}
+    calls = [json.loads(line)["run_id"] for line in log.read_text().splitlines()]
+    # a run is trained again only if its first attempt was on the lost node (then it is stored
+    # FAILED with the cause, and retried); none is finished twice
+    retried = {run_id for run_id, n in attempts.items() if n == 2}
+    assert len(retried) == len(summary["lost"]) >= 1
+    assert all(calls.count(run_id) == (2 if run_id in retried else 1) for run_id in plan)
