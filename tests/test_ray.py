@@ -163,3 +163,18 @@ def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path
     retried = {run_id for run_id, n in attempts.items() if n == 2}
     assert len(retried) == len(summary["lost"]) >= 1
     assert all(calls.count(run_id) == (2 if run_id in retried else 1) for run_id in plan)
+
+
+def test_ray_slots_from_simulated_cluster_resources() -> None:
+    """GPU slots ask for a share of a GPU and leave CUDA_VISIBLE_DEVICES to Ray; CPU slots get
+    their threads; never more actors than pending runs. (No GPU machine here: a resource map.)"""
+    from harness.ray_executor import ray_slots
+
+    gpu = ray_slots({"CPU": 32.0, "GPU": 4.0}, pending=100, backend="tensorflow", runs_per_gpu=2)
+    assert len(gpu) == 8 and {s.device for s in gpu} == {"ray:gpu"} and all(s.runs_per_gpu == 2 for s in gpu)
+    assert all("CUDA_VISIBLE_DEVICES" not in s.environ() for s in gpu)
+    assert all(s.environ()["KERAS_BACKEND"] == "tensorflow" for s in gpu)
+    assert len(ray_slots({"CPU": 32.0, "GPU": 4.0}, pending=3, backend="jax")) == 3
+    cpu = ray_slots({"CPU": 8.0}, pending=100, backend="jax", threads=2)
+    assert len(cpu) == 4 and all(s.threads == 2 and s.environ()["KERAS_BACKEND"] == "jax" for s in cpu)
+    assert all(s.environ()["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
