@@ -100,13 +100,13 @@ def test_groups_of_one_variant_come_back_together(tmp_path: Path, data_dir: Path
 @pytest.mark.slow
 def test_a_tiny_real_sweep(tmp_path: Path, data_dir: Path, executor: str) -> None:
     """Real TensorFlow in each executor's workers: same store, same report."""
-    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=500, test=200)))
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=2000, test=500)))
     options = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor=executor,
                            workers=None if executor == "inline" else 2)
     outcome = execute_sweep(spec, options, progress=Progress((), stream=io.StringIO()))
     assert outcome.trained == 2 and outcome.failed == 0
     with SQLiteStore(tmp_path / "h.db", create=False) as store:
         records = store.records(r.run_id for r in outcome.records)
-        assert all(r.status is RunStatus.DONE and r.test_accuracy > 0.3 for r in records)
+        assert all(r.status is RunStatus.DONE and r.test_accuracy > 0.2 for r in records)
         assert all(r.versions.get("tensorflow") for r in records)
         assert len(load_results(store, "tiny").summary) == 2
