@@ -117,7 +117,7 @@ CLUSTER_SCRIPT = textwrap.dedent(
         threading.Thread(target=remove_a_node, daemon=True).start()
         trace = []
         outcome = execute_sweep(load_sweep(sweep), SweepOptions(store=store, data_dir=data_dir, executor="ray",
-                                train_fn="fake_train:ok", retries=1), trace=trace)
+                                train_fn="fake_train:ok", retries=1, fuse=1), trace=trace)
         print(json.dumps({"trained": outcome.trained, "failed": outcome.failed, "attempts": outcome.attempts,
                           "lost": [e[2] for e in trace if e[0] == "lost"]}), flush=True)
         ray.shutdown()
