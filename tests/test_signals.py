@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
 
     @_user_errors
     def main():
-        options = SweepOptions(store=sys.argv[2], data_dir=sys.argv[3], train_fn="fake_train:ok", workers=2)
+        options = SweepOptions(store=sys.argv[2], data_dir=sys.argv[3], train_fn="fake_train:ok", workers=2, fuse=1)
         execute_sweep(load_sweep(sys.argv[1]), options, notify=print)
 
     if __name__ == "__main__":
