@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from harness import __version__
-from harness.errors import UserError
+from harness.errors import StoreError, UserError
 from harness.store import DEFAULT_STORE
 
 EXIT_RUNS_FAILED = 1
@@ -47,6 +47,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+MAX_CALIBRATE_SIZE = 16384  # three 16384^2 float32 matrices: 3 GiB
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -416,9 +417,33 @@ def status(store_path: Path) -> None:
             click.echo(f"... and {len(claims) - 50} more")
 
 
+@cli.group("store")
+def store_group() -> None:
+    """The results store: schema upgrades."""
+
+
+@store_group.command("upgrade")
+@store_option
+@_user_errors
+def store_upgrade(store_path: Path) -> None:
+    """Upgrade a store from an older harness to this schema, in place, after a backup beside it."""
+    from harness.store import upgrade_store
+
+    result = upgrade_store(store_path)
+    if result.backup is None:
+        click.echo(f"{store_path}: already at schema version {result.to_version}; nothing to do")
+        return
+    click.echo(
+        f"upgraded {store_path} from schema version {result.from_version} to {result.to_version}; "
+        f"the old store is kept as {result.backup}"
+    )
+
+
 @cli.command()
 @store_option
-@click.option("--size", type=click.IntRange(min=64), default=None, help="Matrix size (default 2048 CPU, 8192 GPU).")
+@click.option("--size", type=click.IntRange(min=64, max=MAX_CALIBRATE_SIZE), default=None,
+              help=f"Matrix size (default 2048 CPU, 8192 GPU; at most {MAX_CALIBRATE_SIZE}: three float32 "
+                   "matrices of that size must fit in memory).")
 @click.option("--keras-backend", "backend_names", multiple=True, type=click.Choice(["tensorflow", "jax", "torch"]),
               help="Backends to time a training step of (repeatable; default: every installed one).")
 @click.option("--gpus", default=None, metavar="0,1|none", help="Calibrate the first of these GPUs (default: nvidia-smi's first).")
@@ -437,8 +462,10 @@ def calibrate(store_path: Path, size: int | None, backend_names: tuple[str, ...]
     detected = detect_gpus() if use_gpus != [] else []
     cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     slot = plan_workers(gpus=detected, pending=10**6, cpu_count=cpu_count, use_gpus=use_gpus)[0]
-    result = measure(gpu=slot.gpu, threads=slot.threads, all_threads=cpu_count, size=size, backends=backend_names or None)
-    with SQLiteStore(store_path) as store:
+    with SQLiteStore(store_path) as store:  # a store we cannot write is refused before the measurement
+        if store.readonly:
+            raise StoreError("the store is read-only: calibrate saves its result there", file=str(store_path))
+        result = measure(gpu=slot.gpu, threads=slot.threads, all_threads=cpu_count, size=size, backends=backend_names or None)
         save_calibration(store, result)
     peak = result.peak
     if peak is not None:

@@ -83,7 +83,7 @@ def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
 def test_garbage_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "junk.db"
     path.write_bytes(b"this is not sqlite at all" * 100)
-    with pytest.raises(StoreError, match="not a usable harness store"):
+    with pytest.raises(StoreError, match="not an SQLite file, so not a harness store"):
         SQLiteStore(path)
 
 
