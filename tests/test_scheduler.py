@@ -57,7 +57,9 @@ def quiet(runs=()) -> Progress:
 
 
 def run_sweep(prepared, *, store, pool, progress=None, **options):
-    """The sweep routine on a real worker pool; the pool is shut down afterwards."""
+    """The sweep routine on a real worker pool, one run per group unless asked (these tests are
+    about per-run isolation); the pool is shut down afterwards."""
+    options.setdefault("fuse", 1)
     try:
         return run_with(prepared, store=store, executor=pool, options=SweepOptions(**options), progress=progress or quiet())
     finally:
