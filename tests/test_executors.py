@@ -92,9 +92,11 @@ def test_groups_of_one_variant_come_back_together(tmp_path: Path, data_dir: Path
     assert outcome.trained == 6
     variants = {r.run_id: r.variant for r in outcome.records}
     made = calls(log)
-    # each group of three seeds trained in one worker, one after the other
-    assert [variants[c["run_id"]] for c in made[:3]] == [variants[made[0]["run_id"]]] * 3
-    assert len({c["pid"] for c in made[:3]}) == 1 and len({c["pid"] for c in made[3:]}) == 1
+    # each group of three seeds trained in one worker (workers may train their groups at once)
+    pids: dict[str, set[int]] = {}
+    for call in made:
+        pids.setdefault(variants[call["run_id"]], set()).add(call["pid"])
+    assert len(made) == 6 and all(len(p) == 1 for p in pids.values()) and len(pids) == 2
 
 
 @pytest.mark.slow
