@@ -50,6 +50,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 MAX_CALIBRATE_SIZE = 16384  # three 16384^2 float32 matrices: 3 GiB
 
 
+def _finite(value: float | None, name: str) -> float | None:
+    """click's FloatRange lets nan through (every comparison with nan is false): refuse it and inf."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number of seconds (got {value})", param_hint=name)
+    return value
+
+
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -115,6 +124,7 @@ def cli() -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry a run that fails during this sweep up to N times.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              callback=lambda _ctx, _param, value: _finite(value, "--timeout"),
               help="Seconds a run may take before its worker is killed and the run marked FAILED.")
 @click.option("--gpus", default=None, metavar="0,1|none", help="GPUs to use (default: all that nvidia-smi lists).")
 @click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Worker processes per GPU.")

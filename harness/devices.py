@@ -164,7 +164,8 @@ def plan_workers(
                 )
         return slots
 
-    count = workers or min(cpu_count, pending)
+    # More workers than pending runs would only start idle TensorFlow processes (~0.6 GB each).
+    count = min(workers, pending) if workers else min(cpu_count, pending)
     if workers is None and memory_gib is not None:
         count = max(1, min(count, int(memory_gib // WORKER_MEMORY_GIB)))
     per_thread = threads or max(1, cpu_count // count)

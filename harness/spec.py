@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
@@ -39,7 +40,30 @@ KerasBackend = Literal["tensorflow", "jax", "torch", "auto"]  # harness.backends
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/NaN are never a learning rate, a factor or a split: refused at validation, not trained.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Bounds on what a sweep file may ask for, checked before anything is expanded, trained or written.
+# Each can be raised through its environment variable when a sweep really needs more.
+MAX_SEED = 2**32 - 1  # Keras' set_random_seed accepts 0 .. 2**32 - 1
+LIMITS = {
+    "file_bytes": ("HARNESS_MAX_SWEEP_BYTES", 1_000_000),
+    "yaml_nodes": ("HARNESS_MAX_YAML_NODES", 200_000),
+    "variants": ("HARNESS_MAX_VARIANTS", 10_000),
+    "seeds": ("HARNESS_MAX_SEEDS", 10_000),
+}
+
+
+def limit(name: str) -> int:
+    env, default = LIMITS[name]
+    text = os.environ.get(env, "")
+    return int(text) if text.isdigit() and int(text) > 0 else default
+
+
+def _over_limit(name: str, what: str) -> str:
+    env, _default = LIMITS[name]
+    return f"{what} is over the limit of {limit(name):,} (raise it with {env}=N)"
 
 
 def _as_list(value: Any) -> Any:
@@ -166,7 +190,7 @@ class TrainBudget(_Strict):
 class Budget(_Strict):
     epochs: PositiveInt
     batch_size: PositiveInt = 32
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     deterministic: bool = False  # op determinism: slower, bit-reproducible on one machine
     keras_backend: KerasBackend | None = None  # None: $KERAS_BACKEND, else tensorflow (as Keras does)
@@ -177,6 +201,8 @@ class Budget(_Strict):
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
                 raise ValueError("a seed count must be at least 1")
+            if value > limit("seeds"):
+                raise ValueError(_over_limit("seeds", f"a seed count of {value:,}"))
             return list(range(value))
         return value
 
@@ -345,6 +371,8 @@ class SweepSpec:
         if seeds is not None:
             if seeds < 1:
                 raise SpecError("must be at least 1", file="--seeds", key="seeds")
+            if seeds > limit("seeds"):
+                raise SpecError(_over_limit("seeds", f"{seeds:,} seeds"), file="--seeds", key="seeds")
             spec = dataclasses.replace(spec, seeds=tuple(range(seeds)))
         if epochs is not None:
             if epochs < 1:
@@ -381,15 +409,39 @@ class _SafeLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """Mappings with YAML merge keys (`<<: *defaults`) supported on purpose: merged keys come first
+    and the mapping's own keys override them; a key written twice in the mapping itself is an error."""
+    merge_tag = "tag:yaml.org,2002:merge"
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        if key_node.tag == merge_tag:
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    loader.flatten_mapping(node)  # PyYAML's own merge-key handling (raises on a bad merge value)
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
+        mapping[loader.construct_object(key_node, deep=deep)] = loader.construct_object(value_node, deep=deep)
     return mapping
+
+
+def _count_nodes(value: Any, budget: int) -> int:
+    """Nodes of a loaded YAML value, counting every alias expansion again (a 'billion laughs' file
+    is a few aliases that expand to 10**9 nodes); stops as soon as `budget` is passed."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > budget:
+            return count
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 _SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -399,6 +451,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc)
+    if "for merging" in str(problem):
+        return f"{where}YAML merge key '<<' needs a mapping or a list of mappings to merge"
     tag = re.search(r"tag '([^']+)'", str(problem))
     if tag:
         shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
@@ -410,15 +464,27 @@ def read_yaml(path: str | Path) -> Any:
     """Load a YAML file safely. Raise `SpecError` with the file and line on any problem."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise SpecError("not a regular file", file=str(path))
+        if size > limit("file_bytes"):
+            raise SpecError(_over_limit("file_bytes", f"the file ({size:,} bytes)"), file=str(path))
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read file: {exc}", file=str(path)) from None
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise SpecError(_yaml_problem(exc), file=str(path)) from None
+    except RecursionError:
+        raise SpecError("YAML nested too deeply (or a recursive alias)", file=str(path)) from None
+    if _count_nodes(data, limit("yaml_nodes")) > limit("yaml_nodes"):
+        raise SpecError(
+            _over_limit("yaml_nodes", "the YAML, with its aliases expanded,"), file=str(path)
+        )
+    return data
 
 
 def _loc_to_key(loc: tuple[Any, ...], prefix: str = "") -> str:
@@ -649,6 +715,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
     sweep_backend = budget.keras_backend or default_backend()
     grid_items = list(sweep.grid.items())
+    total = len(sweep.variants)
+    for _key, values in grid_items:
+        total *= max(1, len(values))
+        if total > limit("variants"):
+            raise SpecError(
+                _over_limit("variants", "the number of variants (entries x grid points)"), file=file, key="grid"
+            )
     for key, values in grid_items:
         if not values:
             raise SpecError("a grid axis needs at least one value", file=file, key=f"grid.{key}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from harness.contracts import sweep_info
+from harness.errors import SpecError
 from harness.data import Dataset, configured_data_dir, load_dataset
 from harness.plan import BackendContext, PlannedRun, build_plan
 from harness.records import RunRecord, RunStatus
@@ -42,8 +43,24 @@ def prepare_sweep(
     user's code here: for dry runs)."""
     folder = configured_data_dir(data_dir)
     dataset = load_dataset(spec.dataset, subset=spec.subset, data_dir=folder)
+    check_splits(spec, n_train=len(dataset.y_train))
     runs = build_plan(spec, dataset, build_builders=build_builders, backends=backends)
     return PreparedSweep(spec=spec, dataset=dataset, runs=tuple(runs), data_dir=str(folder) if folder else None)
+
+
+def check_splits(spec: SweepSpec, *, n_train: int) -> None:
+    """Refuse a validation split that leaves no training image (or no validation image) on this data,
+    before anything trains: it would otherwise end as a FAILED or DIVERGED record."""
+    for variant in spec.variants:
+        split = variant.validation_split
+        n_val = int(round(n_train * split))
+        if n_train - n_val < 1 or (split > 0 and n_val < 1):
+            raise SpecError(
+                f"validation_split {split:g} of {n_train:,} training images leaves "
+                f"{n_train - n_val} to train on and {n_val} to validate (variant '{variant.name}')",
+                file=spec.source,
+                key="budget.validation_split",
+            )
 
 
 def shared_runs(runs: Sequence[PlannedRun]) -> list[tuple[str, str]]:
