@@ -119,11 +119,25 @@ def read_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data.files]
-        if missing:
-            raise ValueError(f"npz file lacks arrays {', '.join(missing)}")
-        return data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    """The four arrays of a Keras-layout npz file. Any damage is a `ValueError` in plain words
+    (numpy alone would call a non-zip file "pickled data" and a truncated one a `BadZipFile`)."""
+    import zipfile
+    import zlib
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an npz archive (no zip directory: truncated, or another kind of file)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data.files]
+            if missing:
+                raise ValueError(f"npz file lacks arrays {', '.join(missing)}")
+            return data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as exc:
+        raise ValueError(f"damaged npz archive ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        if "pickled" in str(exc):
+            raise ValueError("the npz holds an object array, which is refused (plain numeric arrays only)") from None
+        raise
 
 
 def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -331,11 +345,13 @@ def _read_ref(ref: DatasetRef, data_dir: Path | None):
         for path in (ref.train, ref.test):
             if not Path(path).is_file():
                 raise DataError("file not found", file=path, key="dataset")
-        try:
-            x_train, y_train = read_mnist_csv(Path(ref.train))
-            x_test, y_test = read_mnist_csv(Path(ref.test))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read mnist-in-csv data: {exc}", file=ref.train, key="dataset") from None
+        arrays = []
+        for path, key in ((ref.train, "dataset.train"), (ref.test, "dataset.test")):
+            try:
+                arrays += read_mnist_csv(Path(path))
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise DataError(f"cannot read mnist-in-csv data: {exc}", file=path, key=key) from None
+        x_train, y_train, x_test, y_test = arrays
         return ref.train, (x_train, y_train, x_test, y_test)
     path = Path(ref.path)
     if not path.exists():

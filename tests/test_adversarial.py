@@ -112,3 +112,41 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], needle: str, tmp_path: 
 def test_more_workers_than_runs_start_no_idle_processes() -> None:
     slots = plan_workers(gpus=[], pending=6, cpu_count=2, workers=1000)
     assert len(slots) == 6
+
+
+def _npz_sweep(tmp_path: Path, data: Path) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        f"schema_version: 1\nname: d\ndataset: {{path: {data}}}\nbudget: {{epochs: 1, seeds: 1}}\nvariants:\n  - name: v\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_zip", "empty"])
+def test_damaged_npz_is_one_line_naming_it(damage: str, tmp_path: Path, data_dir: Path) -> None:
+    good = (data_dir / "mnist.npz").read_bytes()
+    data = tmp_path / "data.npz"
+    data.write_bytes({"truncated": good[: len(good) // 2], "not_zip": b"\x93NUMPY" + b"x" * 200, "empty": b""}[damage])
+    result = CliRunner().invoke(cli, ["sweep", str(_npz_sweep(tmp_path, data)), "--store", str(tmp_path / "h.db"), "--dry-run"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and str(data) in lines[0] and "npz" in lines[0], result.output
+    assert "pickled" not in lines[0]
+    assert not (tmp_path / "h.db").exists()
+
+
+def test_bad_test_csv_is_reported_under_its_own_name(tmp_path: Path) -> None:
+    train, test = tmp_path / "mnist_train.csv", tmp_path / "mnist_test.csv"
+    row = lambda label: ",".join([str(label)] + ["0"] * 784)  # noqa: E731
+    train.write_text("\n".join(row(i % 10) for i in range(20)) + "\n", encoding="utf-8")
+    test.write_text("label,a,b\n1,2\n", encoding="utf-8")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        f"schema_version: 1\nname: c\ndataset: {{train: {train}, test: {test}}}\nbudget: {{epochs: 1, seeds: 1}}\n"
+        "variants:\n  - name: v\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(cli, ["sweep", str(sweep), "--store", str(tmp_path / "h.db"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert str(test) in result.output and str(train) not in result.output
