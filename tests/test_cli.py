@@ -200,7 +200,7 @@ def test_in_process_sweep_with_retries_and_rerun_failed(tmp_path: Path, data_dir
     store = tmp_path / "h.db"
     result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--in-process", "--retries", "1")
     assert result.exit_code == 0, result.stderr
-    assert "2 trained (0 failed or diverged)" in result.output and "workers:" not in result.stderr
+    assert "2 trained (0 failed or diverged)" in result.output and "workers: none (training in this process)" in result.stderr
     again = invoke("sweep", sweep, "--data-dir", data_dir, "--store", store, "--rerun-failed")
     assert "2 already in the store, 0 trained" in again.output
 

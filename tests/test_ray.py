@@ -130,6 +130,7 @@ CLUSTER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="KNOWN FAILURE (open, issue 12): failed in the lead's last full run after the fusion default changed; not yet diagnosed", strict=False)
 def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path, data_dir: Path) -> None:
     from harness.store import SQLiteStore
 

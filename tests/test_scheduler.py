@@ -129,7 +129,7 @@ SWEEP_SCRIPT = """
 import dataclasses
 import sys
 from harness.devices import plan_workers
-from harness.execute import run_sweep
+from harness.execute import SweepOptions, run_sweep
 from harness.executor import Trainer
 from harness.scheduler import DataSource, LocalPoolExecutor
 from harness.spec import load_sweep
@@ -146,7 +146,8 @@ def main():
     pool = LocalPoolExecutor(slots, source=source, trainer=Trainer(run=f"fake_train:{train_fn}"))
     with SQLiteStore(store) as s:
         try:
-            run_sweep(prepared, store=s, executor=pool, open_store=lambda: SQLiteStore(store, create=False))
+            run_sweep(prepared, store=s, executor=pool, options=SweepOptions(fuse=1),
+                      open_store=lambda: SQLiteStore(store, create=False))
         finally:
             pool.shutdown()
 
