@@ -89,31 +89,43 @@ def inspect_store(path: Path) -> int:
 
     Raises `StoreError` for anything else: not a regular file, empty, not SQLite, damaged, an SQLite
     file of another program, a store without a version."""
+    # No Python-level open() of the file here: closing any descriptor of a file drops every POSIX
+    # lock this process holds on it, SQLite's included. Another harness connection open in this
+    # process (the sweep's own store, say) would lose its shared lock, and another process could then
+    # checkpoint and delete the WAL under it. SQLite's own VFS keeps such descriptors open until the
+    # locks go, so the header is read through SQLite only.
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise StoreError("is not a regular file, so not a harness store", file=str(path), key="--store")
-        with open(path, "rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except StoreError:
-        raise
+        info = os.stat(path)
     except OSError as exc:
         raise StoreError(f"cannot read the store: {exc.strerror or exc}", file=str(path), key="--store") from None
-    if not head:
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError("is not a regular file, so not a harness store", file=str(path), key="--store")
+    if not os.access(path, os.R_OK):
+        raise StoreError("cannot read the store: Permission denied", file=str(path), key="--store")
+    if info.st_size == 0:
         raise StoreError("is an empty file, not a harness store (remove it or choose another --store)", file=str(path))
-    if head != SQLITE_MAGIC:
-        raise StoreError("is not an SQLite file, so not a harness store (choose another --store)", file=str(path))
     # Without a -wal file beside it, the main file is the whole database: look at it alone
     # (immutable: no lock, no WAL index, not a byte written, not even the -shm/-wal files SQLite
     # makes beside a WAL database). With one, recent writes may be in it: open read-only the
     # ordinary way (the side files are there already).
-    if not os.path.exists(f"{path}-wal"):
-        return _version_in(sqlite3.connect(_ro_uri(path, immutable=True), uri=True, isolation_level=None), path)
     try:
-        conn = sqlite3.connect(_ro_uri(path), uri=True, timeout=30.0, isolation_level=None)
+        if not os.path.exists(f"{path}-wal"):
+            conn = sqlite3.connect(_ro_uri(path, immutable=True), uri=True, isolation_level=None)
+        else:
+            conn = sqlite3.connect(_ro_uri(path), uri=True, timeout=30.0, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(f"not a usable harness store: {exc}", file=str(path)) from None
     return _version_in(conn, path)
+
+
+def _has_magic(path: Path) -> bool:
+    """Whether the file starts as an SQLite file does. Read only once SQLite has refused the file:
+    no connection of this process can hold a lock on a file SQLite cannot read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
 
 
 def _version_in(conn: sqlite3.Connection, path: Path) -> int:
@@ -124,6 +136,10 @@ def _version_in(conn: sqlite3.Connection, path: Path) -> int:
                 "not a harness store (an SQLite file of something else); it was left untouched", file=str(path)
             )
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if (getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB" or "not a database" in str(exc)) and not _has_magic(path):
+            raise StoreError("is not an SQLite file, so not a harness store (choose another --store)", file=str(path)) from None
+        raise StoreError(f"not a usable harness store: the file is damaged ({exc})", file=str(path)) from None
     except sqlite3.Error as exc:
         raise StoreError(f"not a usable harness store: the file is damaged ({exc})", file=str(path)) from None
     finally:

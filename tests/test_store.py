@@ -139,3 +139,29 @@ def test_partial_plan_merges_with_the_rest_of_the_sweep(store: SQLiteStore) -> N
                     runs=[("rb2", "b", 0)], merge=True)
     assert store.plan("s") == [("ra", "a", 0), ("rb2", "b", 0)]
     assert [(v.name, v.params) for v in store.sweep_info("s").variants] == [("a", 1), ("b", 3)]
+
+
+def test_a_second_open_in_one_process_keeps_the_first_connections_locks(tmp_path: Path) -> None:
+    """Opening the store again in a process that has it open (the sweep does: its own store, then
+    the executor's) must not drop the first connection's POSIX locks. If it did, another process
+    closing the store would think it the last user, delete the WAL and its index, and the first
+    connection, still mapping the deleted index, would then read the store as malformed."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "h.db"
+    first = SQLiteStore(path)
+    first.put(make_record(run_id="r1"))
+    SQLiteStore(path, create=False).close()  # the second open in this process
+    writer = (
+        "import sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "conn.execute(\"INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', '1')\")\n"
+        "conn.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True, timeout=60)
+    assert Path(f"{path}-wal").exists(), "another process deleted the WAL while this one had the store open"
+    first.put(make_record(run_id="r2"))
+    with SQLiteStore(path, create=False) as third:
+        assert {r.run_id for r in third.records(["r1", "r2"])} == {"r1", "r2"}
+    first.close()
