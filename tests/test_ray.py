@@ -118,7 +118,7 @@ CLUSTER_SCRIPT = textwrap.dedent(
         trace = []
         outcome = execute_sweep(load_sweep(sweep), SweepOptions(store=store, data_dir=data_dir, executor="ray",
                                 train_fn="fake_train:ok", retries=1, fuse=1), trace=trace)
-        print(json.dumps({"trained": outcome.trained, "failed": outcome.failed, "attempts": outcome.attempts,
+        print("SUMMARY " + json.dumps({"trained": outcome.trained, "failed": outcome.failed, "attempts": outcome.attempts,
                           "lost": [e[2] for e in trace if e[0] == "lost"]}), flush=True)
         ray.shutdown()
         cluster.shutdown()
@@ -130,7 +130,6 @@ CLUSTER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="KNOWN FAILURE (open, issue 12): failed in the lead's last full run after the fusion default changed; not yet diagnosed", strict=False)
 def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path, data_dir: Path) -> None:
     from harness.store import SQLiteStore
 
@@ -149,7 +148,8 @@ def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path
                             env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "removed" in result.stdout
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # Ray's own log lines may follow on the same stream: the summary is the line marked as such
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["trained"] == 8 and summary["failed"] == 0
     assert summary["lost"] and all("died" in cause for cause in summary["lost"])
     with SQLiteStore(tmp_path / "h.db", create=False) as store:
