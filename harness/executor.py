@@ -111,6 +111,73 @@ class Executor(Protocol):
         """What the executor measured about itself (overheads), or None."""
 
 
+# --------------------------------------------------------------------------- pools of workers
+
+
+class SlotPool:
+    """What a pool of long-lived workers (worker processes, Ray actors) does the same way, one
+    worker per `WorkerSlot`: find an idle one, hand it a group (restarting it for the group's
+    backend if none of that backend is idle), cancel a group, and turn a worker's death into
+    `GroupLost` plus a fresh worker in its place.
+
+    A pool keeps its workers in `_members` (each with `slot`, `ready`, `group`, `assigned`) and
+    its events in `_events`, and provides `_start(slot)`, `_kill(member)` and `_send(member, group)`."""
+
+    _members: list
+    _events: list
+
+    def _start(self, slot):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _kill(self, member) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _send(self, member, group: WorkGroup) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _slot_for(self, slot, backend: str):
+        """The same place for a worker of another backend."""
+        return slot.for_backend(backend)
+
+    def _replace(self, member, slot=None):
+        self._kill(member)
+        fresh = self._start(slot or member.slot)
+        self._members[self._members.index(member)] = fresh
+        return fresh
+
+    def _idle(self) -> list:
+        return [m for m in self._members if m.ready and m.group is None and m.assigned is None]
+
+    def idle_backends(self) -> list[str | None]:
+        return [m.slot.backend for m in self._idle()]
+
+    def submit(self, group: WorkGroup) -> None:
+        """To an idle worker of the group's backend, else an idle worker restarted for it (the group
+        is sent once that one is ready)."""
+        idle = self._idle()
+        if not idle:
+            raise RuntimeError("no idle worker to take a group")
+        member = next((m for m in idle if m.slot.backend == group.backend), None)
+        if member is None:
+            member = self._replace(idle[0], self._slot_for(idle[0].slot, group.backend))
+            member.assigned = group
+            return
+        self._send(member, group)
+
+    def cancel(self, group_id: int) -> None:
+        for member in list(self._members):
+            if member.group is not None and member.group.group_id == group_id:
+                self._replace(member)  # killed first: no late result can arrive for this group
+
+    def _lost(self, member, cause: str | None) -> None:
+        """`member` died: its group, if it had one, is lost with `cause`; a fresh worker takes its
+        place and the group that was waiting for it."""
+        if member.group is not None and cause is not None:
+            self._events.append(GroupLost(member.group.group_id, cause))
+        fresh = self._replace(member)
+        fresh.assigned = member.assigned
+
+
 # --------------------------------------------------------------------------- worker side
 
 

@@ -25,7 +25,7 @@ from harness import __version__
 from harness.architecture import model_layout, uses_images
 from harness.data import Dataset
 from harness.plan import PlannedRun
-from harness.records import RunFlag, RunRecord, RunStatus, utcnow
+from harness.records import RunRecord, RunStatus, utcnow
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # A copy's loss is logged by a metric of its own (the same function as its loss): Keras' own
@@ -294,40 +294,22 @@ def copy_record(
     """The `RunRecord` of one copy of a group: DIVERGED when its loss stopped being finite (its
     history ends at that epoch), else DONE (flagged near chance); timings are its share of the
     group's (`group_wall_s`: the whole group's wall time)."""
-    from harness.train import NEAR_CHANCE_FACTOR
+    from harness.train import trained_record
 
-    history = result.history
-    epochs = run.variant.epochs
-    epochs_ran = len(history.get("loss", []))
-    diverged = result.diverged_at is not None or not math.isfinite(result.test_loss) or epochs_ran < epochs
-    train_s = share["train_s"]
-    flops = run.estimated_train_flops * epochs_ran // max(1, epochs)
-    metrics: dict[str, Any] = {
-        "test_accuracy": float(result.test_accuracy),
-        "test_loss": float(result.test_loss),
-        "params": params,
-        "epochs_ran": epochs_ran,
-        "estimated_train_flops": flops,
-        "train_flops_per_s": flops / train_s if train_s > 0 else None,
-        "examples_per_s": n_fit * epochs_ran / train_s if train_s > 0 else None,
-        "steps_per_execution": options.steps_per_execution,
-        "fused": n,
-    }
-    for key in HISTORY_KEYS:
-        if history.get(key):
-            metrics[f"final_{key}"] = history[key][-1]
-    flags: tuple[RunFlag, ...] = ()
-    if not diverged and result.test_accuracy < NEAR_CHANCE_FACTOR / num_classes:
-        flags = (RunFlag.NEAR_CHANCE,)
-    return run.record(
-        RunStatus.DIVERGED if diverged else RunStatus.DONE,
+    return trained_record(
+        run,
+        test_accuracy=float(result.test_accuracy),
+        test_loss=float(result.test_loss),
+        history=result.history,
+        params=params,
+        n_fit=n_fit,
+        train_s=share["train_s"],
+        steps_per_execution=options.steps_per_execution,
+        num_classes=num_classes,
         started_at=started_at,
-        metrics=metrics,
-        history=history,
         timings={**share, "group_wall_s": group_wall_s},
         device=device,
         versions=versions,
-        error="loss became NaN or infinite" if diverged else None,
-        flags=flags,
-        finished_at=utcnow(),
+        diverged=result.diverged_at is not None,
+        extra_metrics={"fused": n},
     )

@@ -110,7 +110,6 @@ def copy_loss(loss: str, copy: Any, layout: ModelLayout) -> Callable[[Any, Any],
     """Copy `copy`'s loss: the variant's loss plus the penalty of the copy's own regularized
     kernels (what a single model's total loss is; its gradients reach only this copy)."""
     import keras
-    from keras import ops
 
     base = keras.losses.get(loss)
     regularizer = _regularizer(layout)

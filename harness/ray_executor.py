@@ -38,9 +38,9 @@ from harness.devices import WorkerSlot
 from harness.errors import UserError, WorkerStartError
 from harness.executor import (
     ExecutorEvent,
-    GroupLost,
     GroupStarted,
     RecordsReturned,
+    SlotPool,
     Trainer,
     WorkGroup,
     check_records,
@@ -216,7 +216,7 @@ class RayStats:
         )
 
 
-class RayExecutor:
+class RayExecutor(SlotPool):
     """Ray actors, one per `WorkerSlot`; see the module docstring."""
 
     def __init__(
@@ -239,7 +239,7 @@ class RayExecutor:
         self._dataset = dataset
         self._dataset_ref = None
         self._actor_class = None
-        self._actors: list[_Actor] = []
+        self._members: list[_Actor] = []
         self._events: list[ExecutorEvent] = []
 
     @classmethod
@@ -259,11 +259,11 @@ class RayExecutor:
         return f"workers: {len(self.slots)} Ray actors: {kinds}"
 
     def start(self) -> None:
-        if self._actors:
+        if self._members:
             return
         self._dataset_ref = self.ray.put(self._dataset)  # once: every actor reads the same copy
         self._actor_class = self.ray.remote(RayTrainer)
-        self._actors = [self._start(slot) for slot in self.slots]
+        self._members = [self._start(slot) for slot in self.slots]
 
     def _start(self, slot: WorkerSlot) -> _Actor:
         resources: dict[str, Any] = {"num_cpus": slot.threads}
@@ -276,11 +276,8 @@ class RayExecutor:
         self.stats.actor_starts += 1
         return _Actor(slot=slot, handle=handle, ready_ref=handle.ready.remote(), started_at=self.clock())
 
-    def _replace(self, actor: _Actor, slot: WorkerSlot | None = None) -> _Actor:
-        self._kill(actor)
-        fresh = self._start(slot or actor.slot)
-        self._actors[self._actors.index(actor)] = fresh
-        return fresh
+    def _slot_for(self, slot: WorkerSlot, backend: str) -> WorkerSlot:
+        return _slot_for_backend(slot, backend)
 
     def _kill(self, actor: _Actor) -> None:
         try:
@@ -290,53 +287,31 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         """Kill every actor (those training are cancelled: nothing of theirs is kept)."""
-        for actor in self._actors:
+        for actor in self._members:
             self._kill(actor)
-        self._actors = []
+        self._members = []
         if self.owns_cluster and self.ray.is_initialized():
             self.ray.shutdown()
             self.owns_cluster = False
 
     # ------------------------------------------------------------------ work
 
-    def _idle(self) -> list[_Actor]:
-        return [a for a in self._actors if a.ready and a.group is None and a.assigned is None]
-
-    def idle_backends(self) -> list[str | None]:
-        return [a.slot.backend for a in self._idle()]
-
-    def submit(self, group: WorkGroup) -> None:
-        idle = self._idle()
-        if not idle:
-            raise RuntimeError("no idle actor to take a group")
-        actor = next((a for a in idle if a.slot.backend == group.backend), None)
-        if actor is None:
-            actor = self._replace(idle[0], _slot_for_backend(idle[0].slot, group.backend))
-            actor.assigned = group
-            return
-        self._send(actor, group)
-
     def _send(self, actor: _Actor, group: WorkGroup) -> None:
         actor.group, actor.assigned, actor.sent_at = group, None, self.clock()
         actor.task = actor.handle.train_group.remote(group.group_id, group.runs)
         self._events.append(GroupStarted(group.group_id, actor.slot.name, f"ray:{actor.node[:12]}"))
 
-    def cancel(self, group_id: int) -> None:
-        for actor in list(self._actors):
-            if actor.group is not None and actor.group.group_id == group_id:
-                self._replace(actor)
-
     def poll(self, timeout_s: float) -> list[ExecutorEvent]:
         if not self._events:
-            refs = {a.ready_ref: a for a in self._actors if not a.ready}
-            refs.update({a.task: a for a in self._actors if a.task is not None})
+            refs = {a.ready_ref: a for a in self._members if not a.ready}
+            refs.update({a.task: a for a in self._members if a.task is not None})
             if refs:
                 done, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout_s)
                 if done:
                     done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
                 for ref in done:
                     actor = refs[ref]
-                    if actor in self._actors:
+                    if actor in self._members:
                         self._finished(actor, ref)
             else:
                 time.sleep(timeout_s)
@@ -355,20 +330,16 @@ class RayExecutor:
             if actor.assigned is not None:
                 self._send(actor, actor.assigned)
             return
-        group, actor.task = actor.group, None
-        actor.group = None
+        group = actor.group
         if group is None:
             return
         try:
             texts = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
-            cause = _first_line(exc)
-            self._events.append(GroupLost(
-                group.group_id,
-                f"Ray actor {actor.slot.name} on node {actor.node[:12]} died while training this run: {cause}",
-            ))
-            self._replace(actor)
+            self._lost(actor, f"Ray actor {actor.slot.name} on node {actor.node[:12]} died while training this run: "
+                              f"{_first_line(exc)}")
             return
+        actor.group, actor.task = None, None
         records = tuple(RunRecord.from_json(text) for text in texts)
         inside = sum(r.timings.get("wall_s", 0.0) for r in records)
         self.stats.return_s.append(max(0.0, self.clock() - actor.sent_at - inside))
@@ -381,8 +352,7 @@ class RayExecutor:
                 f"Ray actor {actor.slot.name} ({actor.slot.backend}) could not start: {_first_line(exc)}",
                 key=self.trainer.group or self.trainer.run,
             )
-        fresh = self._replace(actor)  # its node went away before it was ready: start it elsewhere
-        fresh.assigned = actor.assigned
+        self._lost(actor, None)  # its node went away before it was ready: start it elsewhere
 
     def summary(self) -> str | None:
         return self.stats.describe() if self.stats.return_s else None

@@ -28,9 +28,9 @@ from harness.devices import WorkerSlot
 from harness.errors import WorkerStartError
 from harness.executor import (
     ExecutorEvent,
-    GroupLost,
     GroupStarted,
     RecordsReturned,
+    SlotPool,
     Trainer,
     WorkGroup,
     check_records,
@@ -189,7 +189,7 @@ def signal_name(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class LocalPoolExecutor:
+class LocalPoolExecutor(SlotPool):
     """Worker processes on this machine, one per `WorkerSlot`; see the module docstring."""
 
     def __init__(
@@ -208,15 +208,15 @@ class LocalPoolExecutor:
         self.clock = clock
         self.stats = PoolStats()
         self._ctx = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker] = []
+        self._members: list[_Worker] = []
         self._events: list[ExecutorEvent] = []
 
     # ------------------------------------------------------------------ workers
 
     def start(self) -> None:
         """Start the worker processes now (they import Keras and load the data meanwhile)."""
-        if not self._workers:
-            self._workers = [self._start(slot) for slot in self.slots]
+        if not self._members:
+            self._members = [self._start(slot) for slot in self.slots]
 
     def describe(self) -> str:
         kinds = ", ".join(
@@ -243,12 +243,6 @@ class LocalPoolExecutor:
         self.stats.worker_starts += 1
         return _Worker(slot=slot, process=process, conn=parent, started_at=self.clock())
 
-    def _replace(self, worker: _Worker, slot: WorkerSlot | None = None) -> _Worker:
-        self._kill(worker)
-        fresh = self._start(slot or worker.slot)
-        self._workers[self._workers.index(worker)] = fresh
-        return fresh
-
     @staticmethod
     def _kill(worker: _Worker) -> None:
         if worker.process.is_alive():
@@ -259,7 +253,7 @@ class LocalPoolExecutor:
 
     def shutdown(self) -> None:
         """Stop idle workers politely; kill those still starting or busy (nothing of theirs is kept)."""
-        for worker in self._workers:
+        for worker in self._members:
             if not worker.process.is_alive():
                 continue
             if worker.group is None and worker.ready:
@@ -272,34 +266,16 @@ class LocalPoolExecutor:
         # Idle workers hold nothing worth keeping (every result is already stored), so a worker
         # whose interpreter takes its time to tear Keras down is killed after a short grace.
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for worker in self._workers:
+        for worker in self._members:
             worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=5)
             if not worker.conn.closed:
                 worker.conn.close()
-        self._workers = []
+        self._members = []
 
     # ------------------------------------------------------------------ work
-
-    def _idle(self) -> list[_Worker]:
-        return [w for w in self._workers if w.ready and w.group is None and w.assigned is None]
-
-    def idle_backends(self) -> list[str | None]:
-        return [w.slot.backend for w in self._idle()]
-
-    def submit(self, group: WorkGroup) -> None:
-        """To an idle worker of the group's backend, else an idle worker restarted for it."""
-        idle = self._idle()
-        if not idle:
-            raise RuntimeError("no idle worker to take a group")
-        worker = next((w for w in idle if w.slot.backend == group.backend), None)
-        if worker is None:
-            worker = self._replace(idle[0], idle[0].slot.for_backend(group.backend))
-            worker.assigned = group  # sent once it is ready
-            return
-        self._send(worker, group)
 
     def _send(self, worker: _Worker, group: WorkGroup) -> None:
         worker.group, worker.assigned, worker.sent_at = group, None, self.clock()
@@ -308,18 +284,13 @@ class LocalPoolExecutor:
             self.stats.dispatch_s.append(worker.sent_at - worker.ready_at)
         self._events.append(GroupStarted(group.group_id, worker.slot.name, worker.slot.device))
 
-    def cancel(self, group_id: int) -> None:
-        for worker in list(self._workers):
-            if worker.group is not None and worker.group.group_id == group_id:
-                self._replace(worker)  # killed first: no late result can arrive for this group
-
     def poll(self, timeout_s: float) -> list[ExecutorEvent]:
         if not self._events:
-            conns = {w.conn: w for w in self._workers}
-            sentinels = {w.process.sentinel: w for w in self._workers}
+            conns = {w.conn: w for w in self._members}
+            sentinels = {w.process.sentinel: w for w in self._members}
             for ready in wait(list(conns) + list(sentinels), timeout=timeout_s):
                 worker = conns.get(ready) or sentinels.get(ready)
-                if worker is None or worker not in self._workers:
+                if worker is None or worker not in self._members:
                     continue  # replaced meanwhile
                 if ready is worker.conn:
                     self._receive(worker)
@@ -349,22 +320,17 @@ class LocalPoolExecutor:
     def _died(self, worker: _Worker) -> None:
         worker.process.join(timeout=1)
         how = signal_name(worker.process.exitcode)
-        if worker.group is not None:
-            self._events.append(
-                GroupLost(
-                    worker.group.group_id,
-                    f"worker process {worker.slot.name} died ({how}) while training this run: "
-                    "killed by the OS (out of memory?) or crashed in native code",
-                )
-            )
-        elif not worker.ready:
+        if worker.group is None and not worker.ready:
             raise WorkerStartError(
                 f"worker {worker.slot.name} ({worker.slot.backend}) died while starting ({how}); "
                 "its traceback is above; `harness sweep --in-process` trains without workers",
                 key=self.trainer.group or self.trainer.run,
             )
-        fresh = self._replace(worker)
-        fresh.assigned = worker.assigned
+        self._lost(
+            worker,
+            f"worker process {worker.slot.name} died ({how}) while training this run: "
+            "killed by the OS (out of memory?) or crashed in native code",
+        )
 
     def summary(self) -> str | None:
         return self.stats.describe() if self.stats.dispatch_s else None

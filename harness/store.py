@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 from harness import migrations
 from harness.contracts import SweepInfo
 from harness.errors import StoreError
-from harness.leases import Claim, Liveness, make_owner, owner_alive, owner_liveness  # noqa: F401 - re-exported
+from harness.leases import Claim, ClaimStore, Liveness, make_owner, owner_alive, owner_liveness  # noqa: F401 - re-exported
 from harness.fsio import current_umask
 from harness.migrations import SCHEMA_VERSION
 from harness.records import RunRecord, RunStatus, utcnow
@@ -239,8 +239,9 @@ def upgrade_store(path: str | Path) -> "migrations.UpgradeResult":
     return migrations.UpgradeResult(path, version, SCHEMA_VERSION, backup)
 
 
-class ResultStore(Protocol):
-    """What the scheduler, the aggregator and the report need from a store."""
+class ResultStore(ClaimStore, Protocol):
+    """What the scheduler, the aggregator and the report need from a store (the claim methods
+    come from `harness.leases.ClaimStore`)."""
 
     def put(self, record: RunRecord) -> None: ...
 
@@ -260,18 +261,6 @@ class ResultStore(Protocol):
     def sweep_info(self, sweep: str) -> SweepInfo | None: ...
 
     def sweeps(self) -> list[str]: ...
-
-    def claim(
-        self, run_id: str, *, owner: str, lease_s: float, takeover: tuple[str, float] | None = None
-    ) -> Claim: ...
-
-    def claim_holder(self, run_id: str) -> tuple[str, float] | None: ...
-
-    def renew(self, run_ids: Iterable[str], *, owner: str, lease_s: float) -> None: ...
-
-    def release(self, run_ids: Iterable[str], *, owner: str) -> None: ...
-
-    def claims(self) -> dict[str, tuple[str, float]]: ...
 
     def get_meta(self, key: str) -> Any: ...
 

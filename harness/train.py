@@ -14,10 +14,11 @@ from typing import Any
 from harness import __version__
 from harness.architecture import uses_images
 from harness.data import Dataset, prepare_inputs, prepare_targets
+from harness.fused import HISTORY_KEYS
 from harness.models import build_model
 from harness.plan import PlannedRun
 from harness.records import RunFlag, RunRecord, RunStatus, utcnow
-from harness.spec import ModelConfig, Optimizer
+from harness.spec import Optimizer
 
 NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a collapse
 # steps_per_execution: run this many examples per host round trip (small batches were dispatch
@@ -259,42 +260,21 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             fit_history = fit.history
         finished = time.perf_counter()
 
-        history = {key: _floats(values) for key, values in fit_history.items()}
-        epochs_ran = len(history.get("loss", []))
-        train_s = trained - built
-        diverged = (
-            not math.isfinite(test_loss)
-            or any(not math.isfinite(v) for v in history.get("loss", []))
-            or epochs_ran < run.variant.epochs
-        )
-        flops = run.estimated_train_flops * epochs_ran // max(1, run.variant.epochs)
-        metrics = {
-            "test_accuracy": float(test_accuracy),
-            "test_loss": float(test_loss),
-            "params": int(model.count_params()),
-            "epochs_ran": epochs_ran,
-            "estimated_train_flops": flops,
-            "train_flops_per_s": flops / train_s if train_s > 0 else None,
-            "examples_per_s": inputs.n_fit * epochs_ran / train_s if train_s > 0 else None,
-            "steps_per_execution": options.steps_per_execution,
-        }
-        for key in ("accuracy", "val_accuracy", "loss", "val_loss"):
-            if history.get(key):
-                metrics[f"final_{key}"] = history[key][-1]
-        flags: tuple[RunFlag, ...] = ()
-        if not diverged and test_accuracy < NEAR_CHANCE_FACTOR / dataset.num_classes:
-            flags = (RunFlag.NEAR_CHANCE,)
-        return run.record(
-            RunStatus.DIVERGED if diverged else RunStatus.DONE,
+        return trained_record(
+            run,
+            test_accuracy=float(test_accuracy),
+            test_loss=float(test_loss),
+            history={key: _floats(values) for key, values in fit_history.items()},
+            params=int(model.count_params()),
+            n_fit=inputs.n_fit,
+            train_s=trained - built,
+            steps_per_execution=options.steps_per_execution,
+            num_classes=dataset.num_classes,
             started_at=started_at,
-            metrics=metrics,
-            history=history,
-            timings={"setup_s": built - start, "train_s": train_s, "eval_s": finished - trained, "wall_s": finished - start},
+            timings={"setup_s": built - start, "train_s": trained - built, "eval_s": finished - trained,
+                     "wall_s": finished - start},
             device=device,
             versions=versions,
-            error="loss became NaN or infinite" if diverged else None,
-            flags=flags,
-            finished_at=utcnow(),
         )
     except Exception:  # noqa: BLE001 - a failed run is a record, the sweep goes on
         return run.record(
@@ -308,6 +288,66 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
         )
     finally:
         release_memory()
+
+
+def trained_record(
+    run: PlannedRun,
+    *,
+    test_accuracy: float,
+    test_loss: float,
+    history: dict[str, list[float]],
+    params: int,
+    n_fit: int,
+    train_s: float,
+    steps_per_execution: int,
+    num_classes: int,
+    started_at: str,
+    timings: dict[str, float],
+    device: str,
+    versions: dict[str, str],
+    diverged: bool = False,
+    extra_metrics: dict[str, Any] | None = None,
+) -> RunRecord:
+    """The record of a run that trained to the end (alone or as a copy of a fused group): DIVERGED
+    when its loss stopped being finite or it ran fewer epochs than asked (the history ends there),
+    else DONE, flagged NEAR_CHANCE below 1.5x chance level."""
+    epochs_ran = len(history.get("loss", []))
+    diverged = (
+        diverged
+        or not math.isfinite(test_loss)
+        or any(not math.isfinite(v) for v in history.get("loss", []))
+        or epochs_ran < run.variant.epochs
+    )
+    flops = run.estimated_train_flops * epochs_ran // max(1, run.variant.epochs)
+    metrics: dict[str, Any] = {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "params": params,
+        "epochs_ran": epochs_ran,
+        "estimated_train_flops": flops,
+        "train_flops_per_s": flops / train_s if train_s > 0 else None,
+        "examples_per_s": n_fit * epochs_ran / train_s if train_s > 0 else None,
+        "steps_per_execution": steps_per_execution,
+        **(extra_metrics or {}),
+    }
+    for key in HISTORY_KEYS:
+        if history.get(key):
+            metrics[f"final_{key}"] = history[key][-1]
+    flags: tuple[RunFlag, ...] = ()
+    if not diverged and test_accuracy < NEAR_CHANCE_FACTOR / num_classes:
+        flags = (RunFlag.NEAR_CHANCE,)
+    return run.record(
+        RunStatus.DIVERGED if diverged else RunStatus.DONE,
+        started_at=started_at,
+        metrics=metrics,
+        history=history,
+        timings=timings,
+        device=device,
+        versions=versions,
+        error="loss became NaN or infinite" if diverged else None,
+        flags=flags,
+        finished_at=utcnow(),
+    )
 
 
 def release_memory() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from click.testing import CliRunner
 from harness import train
 from harness.builders import BuilderError, check_args, locate_builder
 from harness.cli import cli
-from harness.errors import SpecError
 from harness.records import RunStatus
 from harness.spec import load_sweep
 from harness.store import SQLiteStore

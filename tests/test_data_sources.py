@@ -5,7 +5,6 @@ published), never a download."""
 
 from __future__ import annotations
 
-import io
 import pickle
 import tarfile
 from pathlib import Path

@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 
 from harness import train
 from harness.health import (
