@@ -59,6 +59,20 @@ def _finite(value: float | None, name: str) -> float | None:
     return value
 
 
+class _SeedCount(click.ParamType):
+    """`--seeds N` (seeds 0..N-1) or `--seeds auto` (adaptive seeds)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a whole number or 'auto' (got {value!r})", param, ctx)
+
+
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -112,7 +126,9 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("sweep_file", type=click.Path(path_type=Path))
-@click.option("--seeds", type=int, default=None, help="Override the seed count (seeds 0..N-1).")
+@click.option("--seeds", type=_SeedCount(), default=None,
+              help="Override the seeds: N (seeds 0..N-1), or auto: more seeds only for the variants whose "
+                   "interval is still wide (the file's budget.seeds {min, max, ci_half_width}, else 3 to 10, +-0.5).")
 @click.option("--epochs", type=int, default=None, help="Override every variant's epochs.")
 @click.option("--subset", default=None, metavar="TRAIN[:TEST]", help="Train on a stratified subset.")
 @click.option("--only", multiple=True, metavar="PATTERN",
@@ -145,7 +161,7 @@ def cli() -> None:
 @_user_errors
 def sweep(
     sweep_file: Path,
-    seeds: int | None,
+    seeds: int | str | None,
     epochs: int | None,
     subset: str | None,
     only: tuple[str, ...],

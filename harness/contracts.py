@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 
 def _known(cls: type) -> set[str]:
@@ -122,6 +122,33 @@ class VariantInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptiveSeeds:
+    """`budget.seeds: {min, max, ci_half_width}` or `--seeds auto`: every variant starts with `min`
+    seeds; a variant whose interval of the mean (the table's Student-t interval, `confidence`) is
+    still wider than +-`ci_half_width` accuracy points gets more, up to `max`."""
+
+    min: int = 3
+    max: int = 10
+    ci_half_width: float = 0.5
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "AdaptiveSeeds | None":
+        if not data:
+            return None
+        return cls(int(data["min"]), int(data["max"]), float(data["ci_half_width"]), float(data.get("confidence", 0.95)))
+
+    def describe(self) -> str:
+        return (
+            f"adaptive seeds: {self.min} to {self.max} per variant, more while the "
+            f"{self.confidence:.0%} interval of the mean is wider than +-{self.ci_half_width:g} points"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class SweepInfo:
     """What the report needs about a sweep besides its runs. `source` and `planned_at` are filled
     in by the store when it reads the plan back."""
@@ -134,6 +161,7 @@ class SweepInfo:
     variants: tuple[VariantInfo, ...] = ()
     source: str | None = None
     planned_at: str | None = None
+    adaptive: AdaptiveSeeds | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def variant(self, name: str) -> VariantInfo | None:
@@ -172,6 +200,8 @@ class SweepInfo:
             data["source"] = self.source
         if self.planned_at is not None:
             data["planned_at"] = self.planned_at
+        if self.adaptive is not None:
+            data["adaptive"] = self.adaptive.to_dict()
         return {**dict(self.extra), **data}
 
     def to_json(self) -> str:
@@ -189,6 +219,7 @@ class SweepInfo:
             variants=tuple(VariantInfo.from_dict(v) for v in data.get("variants") or ()),
             source=data.get("source"),
             planned_at=data.get("planned_at"),
+            adaptive=AdaptiveSeeds.from_dict(data.get("adaptive")),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -231,6 +262,7 @@ def sweep_info(prepared: Any) -> SweepInfo:
         deterministic=bool(spec.deterministic),
         dataset=DatasetInfo.from_dict(prepared.dataset.describe()),
         variants=tuple(variants.values()),
+        adaptive=getattr(spec, "adaptive", None),
     )
 
 

@@ -22,7 +22,7 @@ import enum
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from harness.errors import UserError
 from harness.executor import (
@@ -387,6 +387,109 @@ def run_sweep(
     )
 
 
+class _OnDemand:
+    """An executor made only when a round with work starts it (`Executor`): a resumed adaptive
+    sweep may find its first rounds done and still need workers for a later one."""
+
+    def __init__(self, make: Callable[[], Executor], say: Callable[[str], None]) -> None:
+        self._make, self._say = make, say
+        self._inner: Executor | None = None
+
+    def start(self) -> None:
+        if self._inner is None:
+            self._inner = self._make()
+            self._say(self._inner.describe())
+        self._inner.start()
+
+    def describe(self) -> str:
+        return self._inner.describe() if self._inner is not None else "workers: none yet (started when needed)"
+
+    def idle_backends(self) -> list[str | None]:
+        return self._inner.idle_backends() if self._inner is not None else []
+
+    def submit(self, group: WorkGroup) -> None:
+        assert self._inner is not None, "start() first"
+        self._inner.submit(group)
+
+    def poll(self, timeout_s: float) -> list[ExecutorEvent]:
+        return self._inner.poll(timeout_s) if self._inner is not None else []
+
+    def cancel(self, group_id: int) -> None:
+        if self._inner is not None:
+            self._inner.cancel(group_id)
+
+    def shutdown(self) -> None:
+        if self._inner is not None:
+            self._inner.shutdown()
+
+    def summary(self) -> str | None:
+        return self._inner.summary() if self._inner is not None else None
+
+
+def run_adaptive(
+    prepared: PreparedSweep,
+    *,
+    store: ResultStore,
+    executor: Executor | None = None,
+    options: SweepOptions = SweepOptions(),
+    progress: Progress | None = None,
+    notify: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> SweepOutcome:
+    """`run_sweep` in rounds for a sweep with adaptive seeds (`prepared.spec.adaptive`; its runs are
+    every candidate seed of every variant): each round trains the runs of the seeds chosen so far,
+    then `harness.adaptive.decide` gives each variant more seeds or none. A resumed sweep starts
+    from the seeds the stored plan holds. One executor serves every round. `kwargs` go to `run_sweep`."""
+    from harness import adaptive
+
+    policy = prepared.spec.adaptive
+    if policy is None:
+        raise ValueError("run_adaptive needs a sweep with adaptive seeds")
+    say = notify or (lambda _line: None)
+    candidates = prepared.spec.seeds
+    names = list(dict.fromkeys(r.variant.name for r in prepared.runs))
+    stored = [(variant, seed) for _run_id, variant, seed in store.plan(prepared.spec.name)]
+    counts = adaptive.first_counts(policy, names, candidates, stored)
+    say(policy.describe())
+    outcomes: list[SweepOutcome] = []
+    number = 1
+    while True:
+        selected = adaptive.select(prepared.runs, counts, candidates)
+        outcomes.append(
+            run_sweep(
+                dataclasses.replace(prepared, runs=selected),
+                store=store, executor=executor, progress=progress,
+                # a run that failed in an earlier round was this sweep's attempt: not again
+                options=options if number == 1 else dataclasses.replace(options, rerun_failed=False),
+                **kwargs,
+            )
+        )
+        records = {r.run_id: r for r in store.records(r.run_id for r in selected)}
+        decisions = [
+            adaptive.decide(
+                policy, name, counts[name],
+                [records[r.run_id] for r in selected if r.variant.name == name and r.run_id in records],
+            )
+            for name in names
+        ]
+        say(adaptive.describe_round(number, decisions, policy))
+        more = {d.variant: d.next_seeds for d in decisions if d.state is adaptive.SeedState.MORE}
+        if not more:
+            break
+        counts.update(more)
+        number += 1
+    distinct = len({r.run_id for r in adaptive.select(prepared.runs, counts, candidates)})
+    trained = {record.run_id: record for outcome in outcomes for record in outcome.records}
+    return SweepOutcome(
+        planned=distinct,
+        skipped=distinct - len(trained),
+        records=tuple(trained.values()),
+        attempts=sum(o.attempts for o in outcomes),
+        finished_elsewhere=sum(o.finished_elsewhere for o in outcomes),
+        executor_summary=next((o.executor_summary for o in reversed(outcomes) if o.executor_summary), None),
+    )
+
+
 # --------------------------------------------------------------------------- the entry point
 
 
@@ -481,6 +584,18 @@ def _sweep_in_store(store_path: Path, name: str) -> bool:
         return store.sweep_info(name) is not None
 
 
+def _first_round(prepared: PreparedSweep, store: ResultStore | None) -> list[PlannedRun]:
+    """The runs the sweep trains first: all of them, or with adaptive seeds those of its first round."""
+    policy = prepared.spec.adaptive
+    if policy is None:
+        return list(prepared.runs)
+    from harness import adaptive
+
+    names = list(dict.fromkeys(r.variant.name for r in prepared.runs))
+    stored = [(v, s) for _r, v, s in store.plan(prepared.spec.name)] if store is not None else []
+    return adaptive.select(prepared.runs, adaptive.first_counts(policy, names, prepared.spec.seeds, stored), prepared.spec.seeds)
+
+
 def shared_notes(prepared: PreparedSweep) -> list[str]:
     from harness.sweep import shared_runs
 
@@ -525,24 +640,37 @@ def execute_sweep(
         if options.executor is ExecutorKind.POOL and not _sweep_in_store(options.store, spec.name):
             # A new sweep: every run is pending, so start the workers now; they import Keras and
             # load the data while this process plans the sweep.
-            executor = make_executor(spec, options, machine, pending=len(spec.variants) * len(spec.seeds))
+            first = spec.adaptive.min if spec.adaptive is not None else len(spec.seeds)
+            executor = make_executor(spec, options, machine, pending=len(spec.variants) * first)
             executor.start()
         prepared = prepare_sweep(spec, data_dir=options.data_dir, backends=machine.backend_context)
         for line in shared_notes(prepared):
             say(line)
         with SQLiteStore(options.store) as store:
-            pending = pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed)
+            pending = pending_runs(_first_round(prepared, store), store, rerun_failed=options.rerun_failed)
             if executor is None and pending:
                 executor = make_executor(
                     spec, options, machine, pending=len(pending), dataset=prepared.dataset, owns_cluster=owns_cluster
                 )
             if executor is not None:
                 say(executor.describe())
-            outcome = run_sweep(
-                prepared, store=store, executor=executor or InlineExecutor(prepared.dataset), options=options,
+            elif spec.adaptive is not None:  # resumed, first round done: a later round may need workers
+                executor = _OnDemand(
+                    lambda: make_executor(
+                        spec, options, machine, pending=len(pending_runs(prepared.runs, store)),
+                        dataset=prepared.dataset, owns_cluster=owns_cluster,
+                    ),
+                    say,
+                )
+            common = dict(
+                store=store, executor=executor or InlineExecutor(prepared.dataset), options=options,
                 progress=progress, open_store=lambda: SQLiteStore(options.store, create=False), trace=trace,
                 device_kind="gpu" if machine.gpus else "cpu",
             )
+            if spec.adaptive is not None:
+                outcome = run_adaptive(prepared, notify=say, **common)
+            else:
+                outcome = run_sweep(prepared, **common)
     finally:
         if executor is not None:
             executor.shutdown()
@@ -570,8 +698,8 @@ def describe_sweep(
     lines = []
     store = SQLiteStore(options.store, create=False) if Path(options.store).exists() else None
     try:
-        pending = pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed) if store else prepared.runs
-        lines.append(format_plan(prepared, store))
+        pending = pending_runs(_first_round(prepared, store), store, rerun_failed=options.rerun_failed) if store else _first_round(prepared, None)
+        lines.append(format_plan(prepared, store, first_round=len(_first_round(prepared, store)) if spec.adaptive else None))
     finally:
         if store is not None:
             store.close()

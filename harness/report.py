@@ -148,7 +148,7 @@ def render_leaderboard(
     if info.description:
         lines += [info.description.strip(), ""]
     lines += [
-        f"Test accuracy (%) over seeds {list(info.seeds)}: mean, sample std (ddof=1), 95% Student-t interval of "
+        f"Test accuracy (%) over {_seeds_phrase(info)}: mean, sample std (ddof=1), 95% Student-t interval of "
         "the mean, and median [min, max], over the runs that finished with an accuracy (n). **Success**: healthy "
         "runs over planned runs. **Not healthy**: *failed* runs broke for infrastructure reasons; *diverged* "
         "(no accuracy, outside n), *collapsed* and *mismatched* (inside n) are the model's own outcome. "
@@ -169,6 +169,8 @@ def render_leaderboard(
         f"mismatched), {diverged} diverged, {failed} failed, {results.planned - len(runs)} not run yet.",
         "",
     ]
+    if info.adaptive is not None:
+        lines += [_adaptive_note(info, summary), ""]
     if results.resolution is not None:
         lines += [results.resolution.text, ""]
     lines += [
@@ -223,7 +225,7 @@ def render_leaderboard(
         f"- sweep file: `{info.source}` (planned {info.planned_at})",
         f"- dataset: {dataset.name} from `{dataset.source}`, {dataset.n_train} train / "
         f"{dataset.n_test} test images, fingerprint `{dataset.fingerprint}`",
-        f"- budget: {_describe_budget(info)}; seeds {list(info.seeds)}; "
+        f"- budget: {_describe_budget(info)}; {_seeds_phrase(info)}; "
         f"op determinism {'on' if info.deterministic else 'off'}",
         f"- Keras {versions.get('keras', '?')} on {_describe_backends(results)}; "
         f"Python {versions.get('python', '?')}, NumPy {versions.get('numpy', '?')}",
@@ -327,6 +329,36 @@ def render_health(results: SweepResults) -> list[str]:
             f"{_md_escape(d.evidence)} | {_md_escape(causes)} | {_md_escape(d.advice) or '—'} |"
         )
     return lines
+
+
+def _seeds_phrase(info: SweepInfo) -> str:
+    if info.adaptive is None:
+        return f"seeds {list(info.seeds)}"
+    return f"adaptive seeds ({info.adaptive.min} to {info.adaptive.max} per variant, so n differs)"
+
+
+def _adaptive_note(info: SweepInfo, summary: pd.DataFrame) -> str:
+    """Which variants the adaptive rule left with an interval wider than its target."""
+    policy = info.adaptive
+    text = (
+        f"**Adaptive seeds:** every variant trained its first {policy.min} seeds; one whose 95% interval of the "
+        f"mean was wider than +-{policy.ci_half_width:g} points got more, up to {policy.max}."
+    )
+    if not len(summary):
+        return text
+    wide = summary[((summary["ci_high"] - summary["ci_low"]) / 2 > policy.ci_half_width) | summary["ci_low"].isna()]
+    at_max = [row.variant for row in wide.itertuples() if row.planned >= policy.max]
+    short = [row.variant for row in wide.itertuples() if row.planned < policy.max]
+    if at_max:
+        text += f" Still wider at {policy.max} seeds: {', '.join(_md_escape(v) for v in at_max)}."
+    if short:
+        text += (
+            f" Still wider with fewer than {policy.max} seeds (most runs failed, or the sweep has not finished): "
+            f"{', '.join(_md_escape(v) for v in short)}."
+        )
+    if not at_max and not short:
+        text += " Every interval is within the target."
+    return text
 
 
 def _describe_budget(info: SweepInfo) -> str:

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from harness.contracts import AdaptiveSeeds
 from harness.errors import SpecError
 
 SCHEMA_VERSION = 1
@@ -187,10 +188,29 @@ class TrainBudget(_Strict):
     keras_backend: KerasBackend | None = None
 
 
+class SeedPolicy(_Strict):
+    """`seeds: {min, max, ci_half_width}`: adaptive seeds (see `harness.contracts.AdaptiveSeeds`)."""
+
+    min: Annotated[int, Field(ge=2)] = 3  # two runs at least: one run has no interval
+    max: PositiveInt = 10
+    ci_half_width: Annotated[float, Field(gt=0.0, le=100.0)] = 0.5  # accuracy points, 95% interval
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SeedPolicy":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        if self.max > limit("seeds"):
+            raise ValueError(_over_limit("seeds", f"a seed count of {self.max:,}"))
+        return self
+
+    def adaptive(self) -> AdaptiveSeeds:
+        return AdaptiveSeeds(self.min, self.max, self.ci_half_width)
+
+
 class Budget(_Strict):
     epochs: PositiveInt
     batch_size: PositiveInt = 32
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
+    seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)] | SeedPolicy
     validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     deterministic: bool = False  # op determinism: slower, bit-reproducible on one machine
     keras_backend: KerasBackend | None = None  # None: $KERAS_BACKEND, else tensorflow (as Keras does)
@@ -204,12 +224,19 @@ class Budget(_Strict):
             if value > limit("seeds"):
                 raise ValueError(_over_limit("seeds", f"a seed count of {value:,}"))
             return list(range(value))
+        if isinstance(value, Mapping):  # adaptive: its own errors, not those of the list form
+            try:
+                return SeedPolicy.model_validate(value)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}") from None
         return value
 
     @field_validator("seeds")
     @classmethod
-    def _unique_seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value):
+    def _unique_seeds(cls, value: "list[int] | SeedPolicy") -> "list[int] | SeedPolicy":
+        if isinstance(value, list) and len(set(value)) != len(value):
             raise ValueError(f"seeds must be distinct (got {value})")
         return value
 
@@ -347,17 +374,21 @@ class SweepSpec:
     variants: tuple[Variant, ...]
     description: str | None = None
     partial: bool = False  # `--only` kept some of the file's variants
+    # Adaptive seeds: `seeds` are the candidates (0..max-1), taken in order per variant while its
+    # interval is too wide (`harness.execute`); None: every variant trains every seed.
+    adaptive: AdaptiveSeeds | None = None
 
     def with_overrides(
         self,
         *,
-        seeds: int | None = None,
+        seeds: int | str | None = None,
         epochs: int | None = None,
         subset: Subset | None = None,
         only: Sequence[str] = (),
         keras_backend: str | None = None,
     ) -> "SweepSpec":
-        """Apply CLI overrides (`--seeds`, `--epochs`, `--subset`, `--only PATTERN`, `--keras-backend`)."""
+        """Apply CLI overrides (`--seeds N|auto`, `--epochs`, `--subset`, `--only PATTERN`, `--keras-backend`).
+        `--seeds auto` takes the file's adaptive settings, else `AdaptiveSeeds()`' defaults."""
         spec = self
         if only:
             kept = tuple(v for v in spec.variants if any(fnmatch.fnmatchcase(v.name, p) for p in only))
@@ -368,12 +399,17 @@ class SweepSpec:
                     key="variants",
                 )
             spec = dataclasses.replace(spec, variants=kept, partial=len(kept) < len(spec.variants))
-        if seeds is not None:
+        if seeds == "auto":
+            adaptive = spec.adaptive or AdaptiveSeeds()
+            spec = dataclasses.replace(spec, seeds=tuple(range(adaptive.max)), adaptive=adaptive)
+        elif seeds is not None:
+            if not isinstance(seeds, int):
+                raise SpecError(f"expected a whole number or 'auto' (got {seeds!r})", file="--seeds", key="seeds")
             if seeds < 1:
                 raise SpecError("must be at least 1", file="--seeds", key="seeds")
             if seeds > limit("seeds"):
                 raise SpecError(_over_limit("seeds", f"{seeds:,} seeds"), file="--seeds", key="seeds")
-            spec = dataclasses.replace(spec, seeds=tuple(range(seeds)))
+            spec = dataclasses.replace(spec, seeds=tuple(range(seeds)), adaptive=None)
         if epochs is not None:
             if epochs < 1:
                 raise SpecError("must be at least 1", file="--epochs", key="epochs")
@@ -819,7 +855,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         source=file,
         dataset=dataset,
         subset=sweep.subset,
-        seeds=tuple(budget.seeds),
+        seeds=tuple(range(budget.seeds.max)) if isinstance(budget.seeds, SeedPolicy) else tuple(budget.seeds),
+        adaptive=budget.seeds.adaptive() if isinstance(budget.seeds, SeedPolicy) else None,
         deterministic=budget.deterministic,
         variants=tuple(variants),
         description=sweep.description,

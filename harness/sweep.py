@@ -9,9 +9,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
-from harness.contracts import sweep_info
+from harness.contracts import sweep_info  # noqa: F401 - re-exported for harness.execute
 from harness.errors import SpecError
 from harness.data import Dataset, configured_data_dir, load_dataset
 from harness.plan import BackendContext, PlannedRun, build_plan
@@ -93,15 +93,23 @@ def pending_runs(runs: Sequence[PlannedRun], store: ResultStore, *, rerun_failed
     return todo
 
 
-def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
-    """The `--dry-run` listing: variants, seeds, parameter counts and runs already in the store."""
+def format_plan(prepared: PreparedSweep, store: ResultStore | None, *, first_round: int | None = None) -> str:
+    """The `--dry-run` listing: variants, seeds, parameter counts and runs already in the store.
+    With adaptive seeds, `first_round` is the number of runs of the first round."""
     spec, dataset = prepared.spec, prepared.dataset
     statuses = store.statuses(r.run_id for r in prepared.runs) if store is not None else {}
+    if spec.adaptive is not None:
+        seeds = (
+            f"{spec.adaptive.describe()}; {len(spec.variants)} variants; {first_round} runs in the first round, "
+            f"at most {len(prepared.runs)}"
+        )
+    else:
+        seeds = f"seeds {list(spec.seeds)}; {len(spec.variants)} variants; {len(prepared.runs)} runs"
     lines = [
         f"sweep {spec.name} ({spec.source})",
         f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test images "
         f"{'x'.join(map(str, dataset.image_shape))}, fingerprint {dataset.fingerprint} ({dataset.source})",
-        f"seeds {list(spec.seeds)}; {len(spec.variants)} variants; {len(prepared.runs)} runs",
+        seeds,
         "",
         f"{'variant':<48} {'id':<12} {'params':>10} {'epochs':>6} {'batch':>5} {'GFLOP/run':>10} {'done':>5} {'failed':>6}",
     ]
@@ -123,7 +131,9 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None) -> str:
     distinct = {run.run_id for run in prepared.runs}
     done = sum(1 for i in distinct if statuses.get(i, RunStatus.PENDING).is_finished())
     failed = sum(1 for i in distinct if statuses.get(i) is RunStatus.FAILED)
-    lines += ["", f"{done} done, {failed} failed, {len(distinct) - done - failed} to train"]
+    left = len(distinct) - done - failed
+    lines += ["", f"{done} done, {failed} failed, {left} to train" if spec.adaptive is None
+              else f"{done} done, {failed} failed, at most {left} to train (adaptive: as many as the intervals need)"]
     return "\n".join(lines)
 
 

@@ -317,7 +317,11 @@ def tuned_sweep_data(spec: SweepSpec, variant: Variant, result: TuneResult, *, t
         ),
         "python_path": python_path,
         "dataset": _absolute_dataset(raw["dataset"], source_dir),
-        "budget": {**raw["budget"], "epochs": variant.epochs, "seeds": list(spec.seeds)},
+        "budget": {
+            **raw["budget"], "epochs": variant.epochs,
+            "seeds": list(spec.seeds) if spec.adaptive is None
+            else {k: v for k, v in spec.adaptive.to_dict().items() if k != "confidence"},
+        },
         "variants": variants,
     }
     if spec.subset is not None:

@@ -26,10 +26,10 @@ def _log(run, **extra) -> None:
             handle.write(line)
 
 
-def _record(run, status=RunStatus.DONE, error=None) -> RunRecord:
+def _record(run, status=RunStatus.DONE, error=None, accuracy=0.9) -> RunRecord:
     return run.record(
         status,
-        metrics={"test_accuracy": 0.9} if status is RunStatus.DONE else {},
+        metrics={"test_accuracy": accuracy} if status is RunStatus.DONE else {},
         timings={"wall_s": 0.01, "train_s": 0.01},
         device=json.dumps(
             {
@@ -89,4 +89,16 @@ def crashy_raise(run, dataset) -> RunRecord:
 def uses_data(run, dataset) -> RunRecord:
     """Logs the size of the data it was handed (Ray actors get it from the object store)."""
     _log(run, n_train=int(len(dataset.y_train)))
+    return _record(run)
+
+
+def spread(run, dataset) -> RunRecord:
+    """Accuracy by variant name: 'steady*' 90% on every seed; 'noisy*' 85-95% by seed; 'broken*'
+    fails every seed but the first; others 90%."""
+    _log(run)
+    name = run.variant.name
+    if name.startswith("broken") and run.seed != 0:
+        return _record(run, RunStatus.FAILED, "Traceback...\nRuntimeError: broken on purpose")
+    if name.startswith("noisy"):
+        return _record(run, accuracy=0.90 + ((run.seed * 37) % 11 - 5) / 100)
     return _record(run)
