@@ -371,6 +371,9 @@ class TensorFlowAdapter(Adapter):
             tf.config.threading.set_inter_op_parallelism_threads(int(inter))
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
+        # A worker builds one model per group, so after five groups TensorFlow warns at every new
+        # one that its functions were "retraced": expected here, and it buried the progress lines.
+        tf.get_logger().setLevel("ERROR")
 
     def enable_determinism(self) -> None:
         import tensorflow as tf
