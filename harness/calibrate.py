@@ -24,11 +24,11 @@ from harness.backends import BACKENDS, calibration_key, installed_backends, work
 
 # The models `auto` decides between (issue 13's table: the notebook-style MLP and the CNN).
 CALIBRATION_MODELS = {
-    "dense": {"model": {"dense": {"units": [128, 128]}}, "batch_size": 64, "examples": 4096},
+    "dense": {"model": {"dense": {"units": [128, 128]}}, "batch_size": 64, "examples": 2048},
     "conv": {
         "model": {"conv": [{"filters": [32, 64], "kernel_size": 3, "pool": "max"}], "dense": {"units": [128]}},
         "batch_size": 128,
-        "examples": 1024,
+        "examples": 512,
     },
 }
 CHILD_TIMEOUT_S = 600

@@ -38,6 +38,22 @@ def _regularizer(layout: ModelLayout) -> Any:
     return (keras.regularizers.L1 if kind == "l1" else keras.regularizers.L2)(factor)
 
 
+def plain_sigmoid(x: Any) -> Any:
+    """A sigmoid and nothing more. Keras' TensorFlow backend tags the output of its sigmoid with the
+    logits, and its categorical cross-entropy then computes softmax cross-entropy of those logits:
+    on TensorFlow a `sigmoid` output with `categorical_crossentropy` trained a softmax classifier,
+    while JAX and PyTorch compute the loss as written (sigmoids normalised to sum 1). The sum makes
+    a new tensor without the tag, so the vocabulary means the same model on every backend (and
+    what Keras 2, which the source notebooks ran on, computed)."""
+    from keras import ops
+
+    return ops.add(ops.sigmoid(x), 0.0)
+
+
+def _activation(name: str | None) -> Any:
+    return plain_sigmoid if name == "sigmoid" else name
+
+
 def keras_layer(spec: LayerSpec, layout: ModelLayout, *, regularize: bool = True) -> Any:
     """The Keras layer of one layer spec (`regularize=False`: kernels without their regularizer,
     for a fused copy whose penalty is part of its own loss, `copy_loss`)."""
@@ -49,19 +65,19 @@ def keras_layer(spec: LayerSpec, layout: ModelLayout, *, regularize: bool = True
             spec.filters,
             spec.kernel_size,
             padding=spec.padding,
-            activation=spec.activation,
+            activation=_activation(spec.activation),
             kernel_regularizer=_regularizer(layout) if spec.regularized and regularize else None,
         )
     if isinstance(spec, DenseSpec):
         return layers.Dense(
             spec.units,
-            activation=spec.activation,
+            activation=_activation(spec.activation),
             kernel_regularizer=_regularizer(layout) if spec.regularized and regularize else None,
         )
     if isinstance(spec, BatchNormSpec):
         return layers.BatchNormalization(momentum=spec.momentum, epsilon=spec.epsilon)
     if isinstance(spec, ActivationSpec):
-        return layers.Activation(spec.activation)
+        return layers.Activation(_activation(spec.activation))
     if isinstance(spec, PoolSpec):
         return (layers.MaxPooling2D if spec.kind == "max" else layers.AveragePooling2D)(spec.size)
     if isinstance(spec, DropoutSpec):

@@ -20,7 +20,9 @@ from harness.spec import SweepSpec, Variant, content_hash
 # 3: every vocabulary run trains as a group (`harness.fused`): data order is our own per-epoch
 #    permutation drawn from (seed, epoch), a regularizer's penalty is part of the loss, the logged
 #    loss averages per example; a run's math is the same alone or fused, so fusing is not in the id.
-TRAIN_PROTOCOL = 3
+# 4: a sigmoid layer is a plain sigmoid on every backend (Keras' TensorFlow backend fed a sigmoid
+#    output's logits to categorical cross-entropy, i.e. trained a softmax; `models.plain_sigmoid`).
+TRAIN_PROTOCOL = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,8 @@ SWEEP = """
 schema_version: 1
 name: crashy
 dataset: mnist
-subset: {train: 3000, test: 500}
-budget: {epochs: 2, batch_size: 64, seeds: 6}
+subset: {train: 2000, test: 500}
+budget: {epochs: 1, batch_size: 64, seeds: 6}
 variants:
   - name: mlp_64
     model:
