@@ -20,6 +20,10 @@ from typing import Iterable, Sequence
 PRIOR_STEP_S = 0.003
 PRIOR_FLOPS_PER_S = 40e9
 PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
+# A device whose runs have taken more than OVERDUE_FACTOR x their prediction + OVERDUE_GRACE_S
+# is past what the model knows: the ETA is unknown ("?") rather than a number that is known wrong.
+OVERDUE_FACTOR = 1.25
+OVERDUE_GRACE_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +132,22 @@ class CostTracker:
             self._models[key] = fit_cost_model(obs, prior=self.prior)  # type: ignore[index]
         return self._models[key]  # type: ignore[index]
 
-    def eta_s(self, *, pending: Iterable[RunCost], running: Iterable[tuple[str, RunCost, float]], slots: int) -> float:
+    def eta_s(
+        self, *, pending: Iterable[RunCost], running: Iterable[tuple[str, RunCost, float]], slots: int
+    ) -> float | None:
         """Seconds until every run is done: what each busy device still needs (the predictions of
         the runs it trains, fused or not, less how long it has been at them) and the pending
-        runs' predictions, shared by `slots` parallel workers; at least the busiest device's."""
+        runs' predictions, shared by `slots` parallel workers; at least the busiest device's.
+        None (unknown) while a device has been at its runs for more than `OVERDUE_FACTOR` times
+        their prediction plus `OVERDUE_GRACE_S`: the model is wrong for it, and a count-down
+        stuck at zero (or a made-up remainder) would say otherwise."""
         pending_s = sum(self.model(None).predict(c) for c in pending)
         busy: dict[str, tuple[float, float]] = {}
         for device, cost, age in running:
             predicted, oldest = busy.get(device, (0.0, 0.0))
             busy[device] = (predicted + self.model(device).predict(cost), max(oldest, age))
+        if any(age > OVERDUE_FACTOR * predicted + OVERDUE_GRACE_S for predicted, age in busy.values()):
+            return None
         left = [max(0.0, predicted - age) for predicted, age in busy.values()]
         total = (pending_s + sum(left)) / max(1, slots)
         return max(total, max(left, default=0.0))

@@ -193,7 +193,8 @@ class Progress:
         return max(0, self.total - len(self.results) - len(self.running))
 
     def eta_s(self) -> float | None:
-        """Predicted seconds left; None until a run has finished (the prior alone is a guess)."""
+        """Predicted seconds left; None until a run has finished (the prior alone is a guess) and
+        while a device is far past its prediction (`harness.eta.OVERDUE_FACTOR`)."""
         if not any(not s.is_failure() for s in self.results.values()):
             return None
         now = self.clock()

@@ -96,3 +96,20 @@ def test_progress_counts_runs_not_attempts_and_eta_follows_the_fitted_model(tmp_
     assert [line.split("]")[0] for line in finished] == ["[1/2", "[1/2", "[2/2"]
     assert "done 2 failed 0 running 0 pending 0" in finished[-1]
     assert "pending -" not in stream.getvalue()
+
+
+def test_a_device_well_past_its_prediction_has_no_eta() -> None:
+    tracker = CostTracker()
+    model = CostModel(0.0, 0.004, 0.0, "t")
+    for steps in (100, 200, 300, 400):
+        tracker.observe("cpu", RunCost(steps, 0), model.predict(RunCost(steps, 0)))
+    predicted = tracker.model("cpu").predict(RunCost(1000, 0))  # 4 s
+    # a little late: still an estimate (what the pending run needs), never negative
+    late = tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), predicted + 1.0)], slots=1)
+    assert late == pytest.approx(predicted)
+    # far past the prediction: unknown, not a count-down stuck at zero
+    stuck = 1.25 * predicted + 5.0 + 0.1
+    assert tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), stuck)], slots=1) is None
+    # a fused group's predictions add up before the rule applies
+    group = [("cpu", RunCost(1000, 0), stuck)] * 3
+    assert tracker.eta_s(pending=[], running=group, slots=1) is not None
