@@ -144,7 +144,8 @@ def time_steps(kind: str, *, epochs: int = 2) -> float:
     import numpy as np
 
     from harness.spec import ModelConfig
-    from harness.train import build_model, fit_options, make_optimizer
+    from harness.models import build_model
+    from harness.train import fit_options, make_optimizer
 
     spec = CALIBRATION_MODELS[kind]
     config = ModelConfig.model_validate({**spec["model"], "optimizer": "adam"})

@@ -6,9 +6,11 @@ gradients, and its Adam/RMSprop/SGD state (per parameter), are exactly its own. 
 its own history, NaN detection (a diverging copy is DIVERGED; the others train on) and test
 evaluation, and becomes its own `RunRecord`.
 
-A group of one is a plain single run: `train.train_run` trains every vocabulary model through
+A group of one is a plain single run: `train.train_run` trains every run through
 `train_group([run])`, so a run's result does not depend on the group it trained in (up to float
-summation order).
+summation order). A builder's model (the user's own Keras code) fuses the same way, the builder
+called once per copy after that copy's seed, unless the user compiled it or it has several inputs
+or outputs (`builder_trains_alone`): those runs train one at a time as the user compiled them.
 """
 
 from __future__ import annotations
@@ -56,8 +58,6 @@ def check_group(runs: Sequence[PlannedRun]) -> None:
     seeds = [run.seed for run in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"a fused group trains distinct seeds (got {seeds})")
-    if first.variant.model.builder is not None:
-        raise ValueError("builder models train one run at a time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +94,24 @@ def _take(array: Any, order: np.ndarray) -> Any:
     return ops.take(array, order, axis=0)
 
 
-def compile_fused(model: Any, copies: Sequence[Any], layout: Any, *, loss: str, optimizer: Any, steps_per_execution: int = 1) -> None:
-    """Compile a fused model: one loss per copy (its regularization penalty in it) and one
-    accuracy per copy; Keras sums the losses."""
+def compile_fused(
+    model: Any,
+    copies: Sequence[Any],
+    layout: Any,
+    *,
+    loss: str,
+    optimizer: Any,
+    steps_per_execution: int = 1,
+    builder: bool = False,
+) -> None:
+    """Compile a fused model: one loss per copy and one accuracy per copy; Keras sums the losses.
+    Vocabulary copies (built without layer regularizers) carry their penalty in their own loss
+    (`models.copy_loss`); a builder's copies keep their layers' regularizers, whose penalties
+    Keras adds to the total. Each copy's loss metric is its data loss per example; its penalty
+    is added between epochs (`fit_copies`, `evaluate_copies`, `models.copy_penalty`)."""
     import keras
 
-    from harness.models import copy_loss
+    from harness.models import copy_loss, data_loss
 
     def accuracy():
         if loss == "sparse_categorical_crossentropy":
@@ -107,11 +119,17 @@ def compile_fused(model: Any, copies: Sequence[Any], layout: Any, *, loss: str, 
         return keras.metrics.CategoricalAccuracy(name="accuracy")
 
     names = [copy.name for copy in copies]
-    losses = {name: copy_loss(loss, copy, layout) for name, copy in zip(names, copies)}
+    if builder:
+        losses = {name: data_loss(loss, name) for name in names}
+    else:
+        losses = {name: copy_loss(loss, copy, layout) for name, copy in zip(names, copies)}
     model.compile(
         optimizer=optimizer,
         loss=losses,
-        metrics={name: [accuracy(), keras.metrics.MeanMetricWrapper(losses[name], name=LOSS_METRIC)] for name in names},
+        metrics={
+            name: [accuracy(), keras.metrics.MeanMetricWrapper(data_loss(loss, name), name=LOSS_METRIC)]
+            for name in names
+        },
         steps_per_execution=steps_per_execution,
     )
 
@@ -125,10 +143,13 @@ def fit_copies(
     batch_size: int,
     validation: tuple[Any, Any] | None = None,
     eval_batch_size: int | None = None,
+    penalties: Sequence[Callable[[], float]] | None = None,
 ) -> tuple[list[dict[str, list[float]]], list[int | None]]:
     """Train a compiled fused model epoch by epoch; `epoch_data(e)` gives each copy's inputs and
     targets for epoch e, already in that copy's order (fed unshuffled). Returns each copy's
-    history and the epoch it diverged in. Training stops early only when every copy diverged."""
+    history and the epoch it diverged in. Training stops early only when every copy diverged.
+    A copy's logged loss and validation loss are its data loss plus its weight penalty at the
+    epoch's end (`penalties[k]()`, `models.copy_penalty`)."""
     histories: list[dict[str, list[float]]] = [{} for _ in range(n_copies)]
     diverged: list[int | None] = [None] * n_copies
     val = None
@@ -149,7 +170,7 @@ def fit_copies(
         for index in range(n_copies):
             if diverged[index] is not None:
                 continue
-            logs = _copy_logs(fit.history, index, n_copies)
+            logs = _with_penalty(_copy_logs(fit.history, index, n_copies), penalties, index)
             for key, value in logs.items():
                 histories[index].setdefault(key, []).append(value)
             if not math.isfinite(logs.get("loss", math.nan)):
@@ -159,13 +180,23 @@ def fit_copies(
     return histories, diverged
 
 
-def evaluate_copies(model: Any, *, n_copies: int, x: Any, y: Any, batch_size: int) -> list[tuple[float, float]]:
-    """Each copy's (test loss, test accuracy) on the same arrays."""
+def _with_penalty(logs: dict[str, float], penalties: Sequence[Callable[[], float]] | None, index: int) -> dict[str, float]:
+    """A copy's logs with its weight penalty added to its losses (a no-op without penalties)."""
+    if not penalties:
+        return logs
+    penalty = penalties[index]()
+    return {key: value + penalty if key in ("loss", "val_loss") else value for key, value in logs.items()}
+
+
+def evaluate_copies(
+    model: Any, *, n_copies: int, x: Any, y: Any, batch_size: int, penalties: Sequence[Callable[[], float]] | None = None
+) -> list[tuple[float, float]]:
+    """Each copy's (test loss, test accuracy) on the same arrays (its penalty in its loss)."""
     logs = model.evaluate([x] * n_copies if n_copies > 1 else x, [y] * n_copies if n_copies > 1 else y,
                           batch_size=batch_size, verbose=0, return_dict=True)
     out = []
     for index in range(n_copies):
-        own = _copy_logs(logs, index, n_copies)
+        own = _with_penalty(_copy_logs(logs, index, n_copies), penalties, index)
         out.append((own.get("loss", math.nan), own.get("accuracy", math.nan)))
     return out
 
@@ -177,17 +208,53 @@ def warm_up() -> None:
     train_warm_up()
 
 
+def builder_trains_alone(model: Any) -> str | None:
+    """Why a builder's model cannot be a fused copy (None: it can): the user compiled it (its own
+    loss, metrics and optimizer are used as they are, `train.train_compiled_builder`), or it has
+    more than one input or output."""
+    if getattr(model, "compiled", False):
+        return "compiled by the builder"
+    if len(getattr(model, "inputs", None) or ()) != 1 or len(getattr(model, "outputs", None) or ()) != 1:
+        return "not one input and one output"
+    return None
+
+
+def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) -> tuple[Any, list[Any], Any, bool] | None:
+    """The fused model of a group, its copies, the vocabulary layout (None for a builder) and
+    whether its inputs are images. Each copy is built right after its own seed: a builder is
+    called once per copy (a fresh model each time), the vocabulary built from its layout.
+    None when the builder's first model cannot be fused (`builder_trains_alone`)."""
+    from harness.models import build_fused, fuse_models
+
+    config = runs[0].variant.model
+    if config.builder is None:
+        layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
+        model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
+        return model, copies, layout, uses_images(config)
+    from harness.builders import build_builder_model, model_input_shape
+
+    models = []
+    for run in runs:
+        backend.seed(run.seed)
+        models.append(
+            build_builder_model(
+                config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
+            )
+        )
+        if len(models) == 1 and builder_trains_alone(models[0]) is not None:
+            return None
+    model, copies = fuse_models(models, input_shape=model_input_shape(config, dataset.image_shape))
+    return model, copies, None, config.inputs == "images"
+
+
 def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]:
     """Train a group of runs of one variant (distinct seeds) as one fused Keras program; one
     `RunRecord` per run, in the order given. Any exception fails every run of the group (each a
-    FAILED record with the traceback), never a crash. Builder models (the user's own Keras code)
-    train one after another with `train.train_run`."""
+    FAILED record with the traceback), never a crash. A builder's model fuses like the
+    vocabulary's unless it cannot (`builder_trains_alone`: then its runs train one after another
+    with `train.train_compiled_builder`)."""
+    from harness.models import copy_penalty
     from harness.train import check_backend, fit_options, make_optimizer, prepared_inputs, release_memory
-
-    if any(run.variant.model.builder is not None for run in runs):
-        from harness.train import train_run
-
-        return [train_run(run, dataset) for run in runs]
 
     started_at = utcnow()
     start = time.perf_counter()
@@ -196,7 +263,6 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
     try:
         check_group(runs)
         from harness.backends import adapter
-        from harness.models import build_fused
 
         backend = adapter()
         for run in runs:
@@ -207,10 +273,17 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
         if first.deterministic:
             backend.enable_determinism()
         config, variant, n = first.variant.model, first.variant, len(runs)
+        built_copies = _build_copies(runs, dataset, backend)
+        if built_copies is None:  # a builder's model that trains alone
+            release_memory()
+            from harness.train import train_compiled_builder
+
+            return [train_compiled_builder(run, dataset) for run in runs]
+        model, copies, layout, images = built_copies
         inputs = prepared_inputs(
             dataset,
             preprocess=config.preprocess,
-            images=uses_images(config),
+            images=images,
             loss=config.loss,
             validation_split=variant.validation_split,
         )
@@ -222,8 +295,6 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             # a fused step does the work of n copies: the per-execution FLOP cap counts them all
             train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
         )
-        layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
-        model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
         compile_fused(
             model,
             copies,
@@ -231,7 +302,9 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             loss=config.loss,
             optimizer=make_optimizer(config.optimizer),
             steps_per_execution=options.steps_per_execution,
+            builder=layout is None,
         )
+        penalties = [copy_penalty(copy, layout) for copy in copies]
         built = time.perf_counter()
 
         def epoch_data(epoch: int) -> tuple[list[Any], list[Any]]:
@@ -246,9 +319,12 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             batch_size=variant.batch_size,
             validation=inputs.validation,
             eval_batch_size=options.validation_batch_size,
+            penalties=penalties,
         )
         trained = time.perf_counter()
-        tests = evaluate_copies(model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.test_batch_size)
+        tests = evaluate_copies(
+            model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.test_batch_size, penalties=penalties
+        )
         finished = time.perf_counter()
         params = int(copies[0].count_params())
         results = [CopyResult(h, d, loss, acc) for h, (loss, acc), d in zip(histories, tests, diverged_at)]

@@ -4,8 +4,10 @@
 measured against other widths: the shared machine gave no usable timing; measure with
 benchmarks/bench_engine.py --width K); on a GPU as many copies as fit in the worker's
 share of its memory by the model's estimate (`ModelSummary.train_memory_bytes`, plus each copy's
-own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. Builder models (the user's
-own Keras code) train one run at a time.
+own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. A builder's model (the user's
+own Keras code) has no memory estimate before a worker builds it: auto fuses it `CPU_AUTO_WIDTH`
+wide on CPU and not at all on a GPU (`--fuse K` forces it); a builder model that cannot be a fused
+copy (compiled by the user, several inputs or outputs) trains its group's runs one after another.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def copy_memory_bytes(run: PlannedRun) -> int:
 
 
 def fusable(run: PlannedRun) -> bool:
-    return run.variant.model.builder is None and bool(run.summary.layers)
+    """Whether `run`'s variant may fuse: a builder's model (decided in the worker, when it is
+    built) or a vocabulary model with a layout."""
+    return run.variant.model.builder is not None or bool(run.summary.layers)
 
 
 def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: int | None = None) -> int:
@@ -39,6 +43,8 @@ def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: 
     for this worker (None: `CPU_MEMORY_BYTES` on CPU; on GPU, no memory limit known: the cap)."""
     if not fusable(run):
         return 1
+    if run.variant.model.builder is not None:  # no memory estimate before it is built
+        return CPU_AUTO_WIDTH if device_kind == "cpu" else 1
     cap = CPU_AUTO_WIDTH if device_kind == "cpu" else GPU_MAX_WIDTH
     budget = memory_bytes if memory_bytes is not None else (CPU_MEMORY_BYTES if device_kind == "cpu" else None)
     if budget is not None:
@@ -47,7 +53,7 @@ def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: 
 
 
 def fuse_width(fuse: int | None, runs: Sequence[PlannedRun], *, device_kind: str = "cpu", memory_bytes: int | None = None) -> int:
-    """`fuse` when given (1: off), else auto for the first run's variant; 1 for builder models."""
+    """`fuse` when given (1: off), else auto for the first run's variant."""
     if not runs or not fusable(runs[0]):
         return 1
     if fuse is not None:

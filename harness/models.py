@@ -6,6 +6,7 @@ Imports Keras inside its functions only (the parent process of a sweep never imp
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 from harness.architecture import (
@@ -143,3 +144,62 @@ def copy_loss(loss: str, copy: Any, layout: ModelLayout) -> Callable[[Any, Any],
 
     fn.__name__ = f"{copy.name}_{loss}"
     return fn
+
+
+def fuse_models(models: Sequence[Any], *, input_shape: tuple[int, ...]):
+    """K independent Keras models (a builder's, each built right after its own seed) in one
+    functional model, as `build_fused` does for the vocabulary: input k feeds copy k, output k is
+    named `copy_name(k)`. Each model is wrapped in a model of that name, so copies of a builder
+    that names its own layers or model do not clash. Single input, single output models only
+    (`harness.fused.builder_trains_alone`)."""
+    import keras
+
+    copies = []
+    for index, model in enumerate(models):
+        x = keras.Input(shape=input_shape)
+        copies.append(keras.Model(x, model(x), name=copy_name(index)))
+    inputs = [keras.Input(shape=input_shape, name=f"x{index}") for index in range(len(models))]
+    outputs = [copy(x) for copy, x in zip(copies, inputs)]
+    return keras.Model(inputs, outputs, name=f"fused_{len(models)}"), copies
+
+
+def data_loss(loss: str, name: str) -> Callable[[Any, Any], Any]:
+    """The variant's loss alone, named for one copy: what a builder's copy is compiled with (Keras
+    adds its layers' penalties to the total itself, each penalty's gradient reaching only its own
+    copy), and what every copy's logged loss metric averages per example (`fused.LOSS_METRIC`)."""
+    import keras
+
+    base = keras.losses.get(loss)
+
+    def fn(y_true: Any, y_pred: Any) -> Any:
+        return base(y_true, y_pred)
+
+    fn.__name__ = f"{name}_{loss}_data"
+    return fn
+
+
+def copy_penalty(copy: Any, layout: ModelLayout | None) -> Callable[[], float]:
+    """The weight penalty of a copy as its weights stand now (read between epochs, outside any
+    train step): the layout's regularizer on its regularized kernels (a vocabulary copy), or each
+    weight's own regularizer (a builder's copy). The logged loss of a copy is its per-example data
+    loss plus this; a metric cannot read weights inside JAX's stateless train and test steps.
+    NaN when any of its weights is not finite: a NaN weight does not always show in the data loss
+    (TensorFlow's relu turns NaN into 0), and a model with NaN weights has diverged."""
+    if layout is not None:
+        regularizer = _regularizer(layout)
+        pairs = [
+            (layer.kernel, regularizer)
+            for spec, layer in zip(layout.layers, copy.layers, strict=True)
+            if isinstance(spec, (Conv2DSpec, DenseSpec)) and spec.regularized and regularizer is not None
+        ]
+    else:
+        pairs = [(v, v.regularizer) for v in copy.trainable_weights if getattr(v, "regularizer", None) is not None]
+
+    def penalty() -> float:
+        import numpy as np
+
+        if not all(np.isfinite(np.asarray(w)).all() for w in copy.get_weights()):
+            return math.nan
+        return float(sum(float(regularizer(variable)) for variable, regularizer in pairs))
+
+    return penalty

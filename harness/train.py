@@ -12,10 +12,8 @@ import traceback
 from typing import Any
 
 from harness import __version__
-from harness.architecture import uses_images
 from harness.data import Dataset, prepare_inputs, prepare_targets
 from harness.fused import HISTORY_KEYS
-from harness.models import build_model
 from harness.plan import PlannedRun
 from harness.records import RunFlag, RunRecord, RunStatus, utcnow
 from harness.spec import Optimizer
@@ -174,12 +172,18 @@ def _floats(values) -> list[float]:
 def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
     """Seed, build, compile, fit, evaluate. Any exception becomes a FAILED record, never a crash.
 
-    A vocabulary model trains as a group of one (`harness.fused.train_group`): the same program,
-    data order and records as a copy of a fused group."""
-    if run.variant.model.builder is None:
-        from harness.fused import train_group
+    A run trains as a group of one (`harness.fused.train_group`): the same program, data order and
+    records as a copy of a fused group."""
+    from harness.fused import train_group
 
-        return train_group([run], dataset)[0]
+    return train_group([run], dataset)[0]
+
+
+def train_compiled_builder(run: PlannedRun, dataset: Dataset) -> RunRecord:
+    """One run of a builder's model that cannot be a fused copy (`fused.builder_trains_alone`:
+    compiled by the user, or several inputs or outputs): built after the run's seed, compiled
+    by the harness only when the user did not, fitted with Keras' own shuffle (seeded), evaluated.
+    Any exception becomes a FAILED record."""
     started_at = utcnow()
     start = time.perf_counter()
     versions: dict[str, str] = {"harness": __version__}
@@ -198,16 +202,12 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             backend.enable_determinism()
 
         config = run.variant.model
-        own_model = None  # a builder model (harness/builders.py), built before its data is shaped
-        if config.builder is not None:
-            from harness.builders import build_builder_model, target_loss
+        from harness.builders import build_builder_model, target_loss
 
-            own_model = build_builder_model(
-                config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
-            )
-            images, loss_kind = config.inputs == "images", target_loss(own_model, config.loss)
-        else:
-            images, loss_kind = uses_images(config), config.loss
+        model = build_builder_model(
+            config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
+        )
+        images, loss_kind = config.inputs == "images", target_loss(model, config.loss)
         inputs = prepared_inputs(
             dataset, preprocess=config.preprocess, images=images, loss=loss_kind, validation_split=run.variant.validation_split
         )
@@ -219,8 +219,7 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
             train_flops_per_example=run.summary.train_flops(examples=1, epochs=1),
         )
 
-        model = own_model or build_model(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
-        compiled_by_user = own_model is not None and bool(getattr(own_model, "compiled", False))
+        compiled_by_user = bool(getattr(model, "compiled", False))
         if not compiled_by_user:
             accuracy = (
                 keras.metrics.SparseCategoricalAccuracy(name="accuracy")

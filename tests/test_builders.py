@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -38,6 +39,16 @@ def mlp(units=32, dropout=0.0, *, input_shape, num_classes):
         x = layers.Dropout(dropout)(x)
     outputs = layers.Dense(num_classes, activation="softmax")(x)
     return keras.Model(inputs, outputs)
+
+
+def named_mlp(units=16, *, input_shape, num_classes):
+    """Named layers and model (copies of it must not clash), a weight penalty and dropout."""
+    inputs = keras.Input(shape=input_shape, name="pixels")
+    x = layers.Flatten(name="flat")(inputs)
+    x = layers.Dense(units, activation="relu", kernel_regularizer=keras.regularizers.L2(0.001), name="hidden")(x)
+    x = layers.Dropout(0.2, name="drop")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="out")(x)
+    return keras.Model(inputs, outputs, name="named")
 
 
 def compiled_mlp(units, input_shape, num_classes):
@@ -247,6 +258,40 @@ def test_builders_train_for_real(tmp_path: Path, data_dir: Path) -> None:
     assert records["raises"].status is RunStatus.FAILED
     assert "Traceback" in records["raises"].error and "broken on purpose" in records["raises"].error
     assert str(tmp_path) not in sys.path and str(tmp_path.resolve()) not in sys.path
+
+
+def test_builder_seeds_fuse_and_each_ends_where_its_single_run_ends(tmp_path: Path, data_dir: Path) -> None:
+    """A builder called once per copy after that copy's seed: two seeds trained as one program
+    end with the histories and test results of each trained alone (penalty and dropout per copy)."""
+    from harness.fused import train_group
+
+    path = sweep_file(tmp_path, '  - name: named\n    model: {builder: "mybuilders:named_mlp", args: {units: 16}}\n', seeds=2)
+    prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
+    fused = train_group(list(prepared.runs), prepared.dataset)
+    assert [r.status for r in fused] == [RunStatus.DONE, RunStatus.DONE], fused[0].error
+    assert [r.metrics["fused"] for r in fused] == [2, 2]
+    assert fused[0].history["loss"] != fused[1].history["loss"]
+    for record, run in zip(fused, prepared.runs):
+        alone = train.train_run(run, prepared.dataset)
+        assert alone.status is RunStatus.DONE and alone.metrics["fused"] == 1
+        assert record.metrics["params"] == alone.metrics["params"] == 784 * 16 + 16 + 16 * 10 + 10
+        assert set(record.history) == set(alone.history) >= {"loss", "accuracy"}
+        for key in alone.history:
+            np.testing.assert_allclose(record.history[key], alone.history[key], rtol=1e-4, atol=1e-5)
+        assert record.test_accuracy == pytest.approx(alone.test_accuracy, abs=2 / 300)
+
+
+def test_a_builder_compiled_by_the_user_trains_its_group_one_run_at_a_time(tmp_path: Path, data_dir: Path) -> None:
+    from harness.fused import train_group
+
+    path = sweep_file(tmp_path, '  - name: compiled\n    model: {builder: "mybuilders:compiled_mlp", args: {units: 16}}\n', seeds=2)
+    prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
+    records = train_group(list(prepared.runs), prepared.dataset)
+    assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
+    assert all("fused" not in r.metrics for r in records)  # each trained as the user compiled it
+    alone = train.train_run(prepared.runs[1], prepared.dataset)
+    assert alone.history["loss"] == pytest.approx(records[1].history["loss"], rel=1e-5)
+    assert records[0].history["loss"] != records[1].history["loss"]
 
 
 def test_builder_edited_after_planning_fails_the_run(tmp_path: Path, data_dir: Path) -> None:

@@ -32,7 +32,8 @@ def test_memory_limits_the_auto_width(tmp_path: Path, data_dir: Path) -> None:
     assert fuse_width(None, runs, memory_bytes=per_copy // 2) == 1  # never 0
 
 
-def test_builder_models_are_never_fused(tmp_path: Path, data_dir: Path) -> None:
+def test_builder_models_fuse_on_cpu_and_alone_on_a_gpu_unless_forced(tmp_path: Path, data_dir: Path) -> None:
+    """A builder's model has no memory estimate before a worker builds it."""
     import dataclasses
 
     from harness.architecture import ModelSummary
@@ -44,4 +45,6 @@ def test_builder_models_are_never_fused(tmp_path: Path, data_dir: Path) -> None:
         variant=dataclasses.replace(run.variant, model=ModelConfig.model_validate({"builder": "pkg.mod:build"})),
         summary=ModelSummary(()),
     )
-    assert fuse_width(None, [builder]) == 1 and fuse_width(8, [builder]) == 1
+    assert fuse_width(None, [builder]) == CPU_AUTO_WIDTH
+    assert fuse_width(None, [builder], device_kind="gpu") == 1
+    assert fuse_width(8, [builder], device_kind="gpu") == 8 and fuse_width(1, [builder]) == 1
