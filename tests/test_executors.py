@@ -99,6 +99,28 @@ def test_groups_of_one_variant_come_back_together(tmp_path: Path, data_dir: Path
     assert len(made) == 6 and all(len(p) == 1 for p in pids.values()) and len(pids) == 2
 
 
+@pytest.mark.parametrize("where", ["pool", "ray"])
+def test_a_dead_worker_a_raise_and_a_hang_are_three_failed_records(
+    tmp_path: Path, data_dir: Path, log: Path, where: str, request
+) -> None:
+    """Seed 1's worker is SIGKILLed (as the OOM killer does), seed 2 raises, seed 3 hangs past the
+    timeout: each a FAILED record with its cause, seed 0 DONE, no claim left, the sweep finishes."""
+    if where == "ray":
+        request.getfixturevalue("ray_cluster")
+    outcome = sweep(tmp_path, where, data_dir, seeds=4, train_fn="crashy", fuse=1, timeout_s=3.0)
+    assert outcome.planned == 8 and outcome.trained == 8 and outcome.failed == 6
+    by_seed: dict[int, list] = {}
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        for record in store.records(r.run_id for r in outcome.records):
+            by_seed.setdefault(record.seed, []).append(record)
+        assert store.claims() == {}
+        assert all(store.attempts(r.run_id) == 1 for r in outcome.records)
+    assert all(r.status is RunStatus.DONE for r in by_seed[0])
+    assert all(r.status is RunStatus.FAILED and "died" in r.error for r in by_seed[1]), by_seed[1][0].error
+    assert all(r.status is RunStatus.FAILED and "ValueError: shape mismatch" in r.error for r in by_seed[2])
+    assert all(r.status is RunStatus.FAILED and "timed out after 3 s" in r.error for r in by_seed[3]), by_seed[3][0].error
+
+
 @pytest.mark.slow
 def test_a_tiny_real_sweep(tmp_path: Path, data_dir: Path, executor: str) -> None:
     """Real TensorFlow in each executor's workers: same store, same report."""

@@ -166,6 +166,100 @@ def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path
     assert all(calls.count(run_id) == (2 if run_id in retried else 1) for run_id in plan)
 
 
+# The CLI's wrapper (signals, exit codes) around `execute_sweep` on Ray with no address: the
+# harness starts its own local cluster, as `harness sweep FILE --executor ray` does.
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from harness.cli import _user_errors
+    from harness.execute import SweepOptions, execute_sweep
+    from harness.spec import load_sweep
+
+    @_user_errors
+    def main():
+        options = SweepOptions(store=sys.argv[2], data_dir=sys.argv[3], executor="ray", train_fn="fake_train:ok",
+                               workers=2, fuse=1)
+        execute_sweep(load_sweep(sys.argv[1]), options, notify=print)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def _raylets() -> set[int]:
+    """Pids of the raylet processes on this machine (one per Ray node)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                state = (proc / "status").read_text()
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"/raylet") and "State:\tZ" not in state:
+                pids.add(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_ray_exits_130_keeps_finished_runs_and_stops_its_cluster(tmp_path: Path, data_dir: Path) -> None:
+    """Ctrl-C during a Ray sweep: exit 130, no traceback, the runs finished so far stored, no
+    claim left, the cluster the harness started gone; the resumed sweep trains exactly the rest."""
+    import importlib.util
+    import signal
+    import time
+
+    from harness.store import SQLiteStore
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+    script = tmp_path / "sweep.py"
+    script.write_text(CTRL_C_SCRIPT)
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=6, train=300, test=100))
+    log = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HARNESS_FAKE_LOG": str(log),
+           "HARNESS_FAKE_SLEEP": "1.0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):  # not the session's test cluster
+        env.pop(key, None)
+    before = _raylets()
+    argv = [sys.executable, str(script), str(sweep), str(tmp_path / "h.db"), str(data_dir)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def made() -> list[str]:
+        return [json.loads(line)["run_id"] for line in log.read_text().splitlines()] if log.exists() else []
+
+    deadline = time.monotonic() + 180
+    while len(made()) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the Ray sweep did not start training in time"
+        time.sleep(0.05)
+    ours = _raylets() - before
+    assert ours, "the sweep started no local Ray node"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-8000:]
+    assert "Traceback" not in err, err[-8000:]
+    deadline = time.monotonic() + 30
+    while _raylets() & ours and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _raylets() & ours, "the local Ray cluster outlived the interrupted sweep"
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        assert store.claims() == {}
+        plan = [run_id for run_id, _v, _s in store.plan("tiny")]
+        kept = {run_id for run_id, status in store.statuses(plan).items() if status.value == "done"}
+    assert kept and len(kept) < len(plan)
+    first = made()
+
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-8000:]
+    again = made()[len(first):]
+    assert not set(again) & kept  # nothing finished is trained again
+    assert set(again) == set(plan) - kept and len(again) == len(set(again))
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
+        assert all(s.value == "done" for s in store.statuses(plan).values()) and store.claims() == {}
+
+
 def test_ray_slots_from_simulated_cluster_resources() -> None:
     """GPU slots ask for a share of a GPU and leave CUDA_VISIBLE_DEVICES to Ray; CPU slots get
     their threads; never more actors than pending runs. (No GPU machine here: a resource map.)"""
