@@ -292,10 +292,23 @@ def model_input_shape(config: "ModelConfig", image_shape: tuple[int, ...]) -> tu
     return (*image_shape, 1) if len(image_shape) == 2 else tuple(image_shape)
 
 
-def build_builder_model(config: "ModelConfig", *, root: str | None, input_shape: tuple[int, ...], num_classes: int):
-    """Import and call the variant's builder; return the (possibly compiled) Keras model."""
+def builder_function(config: "ModelConfig", *, root: str | None):
+    """Import the variant's builder module (once per worker) and return its function. Import it
+    before seeding a run: a module that makes layers or draws random numbers when imported would
+    otherwise consume the seed's random state on its first run only (a run's initial weights would
+    depend on whether the module was already imported in that worker)."""
     assert config.builder is not None
-    function = load_builder(config.builder, root=root, expected_sha256=config.builder_source)
+    return load_builder(config.builder, root=root, expected_sha256=config.builder_source)
+
+
+def build_builder_model(
+    config: "ModelConfig", *, root: str | None, input_shape: tuple[int, ...], num_classes: int, function: Any = None
+):
+    """Call the variant's builder (imported now unless `function` is given); return the (possibly
+    compiled) Keras model."""
+    assert config.builder is not None
+    if function is None:
+        function = builder_function(config, root=root)
     return call_builder(
         function, config.args, input_shape=model_input_shape(config, input_shape), num_classes=num_classes, ref=config.builder
     )

@@ -129,7 +129,7 @@ FUSED_GROUP_TRAINER = "harness.fused:train_group"
 
 def fuse_width(fuse: int | None, runs: Sequence[PlannedRun] = (), *, device_kind: str = "cpu") -> Callable[[PlannedRun], int]:
     """Runs per group, per variant: `fuse` (1: off), or for None (auto) what `harness.fusion`
-    chooses from the device kind and the model's memory estimate; builder models 1."""
+    chooses from the device kind and the model's memory estimate (builder models: 1)."""
     from harness.fusion import fuse_width as width_of
 
     return lambda run: width_of(fuse, [run], device_kind=device_kind)

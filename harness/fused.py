@@ -9,8 +9,9 @@ evaluation, and becomes its own `RunRecord`.
 A group of one is a plain single run: `train.train_run` trains every run through
 `train_group([run])`, so a run's result does not depend on the group it trained in (up to float
 summation order). A builder's model (the user's own Keras code) fuses the same way, the builder
-called once per copy after that copy's seed, unless the user compiled it or it has several inputs
-or outputs (`builder_trains_alone`): those runs train one at a time as the user compiled them.
+called once per copy after that copy's seed, unless the user compiled it, it does not take one
+input to one output (`builder_trains_alone`) or its copies share state (`copies_share_state`):
+those runs train one at a time (`train.train_compiled_builder`).
 """
 
 from __future__ import annotations
@@ -208,22 +209,54 @@ def warm_up() -> None:
     train_warm_up()
 
 
-def builder_trains_alone(model: Any) -> str | None:
+def builder_trains_alone(model: Any, *, input_shape: tuple[int, ...]) -> str | None:
     """Why a builder's model cannot be a fused copy (None: it can): the user compiled it (its own
-    loss, metrics and optimizer are used as they are, `train.train_compiled_builder`), or it has
-    more than one input or output."""
+    loss, metrics and optimizer are used as they are, `train.train_compiled_builder`), it cannot
+    be called on one input, or it gives more than one output. The call builds a model whose
+    weights are made on its first call (subclassed, `Sequential` without an `Input`): call it
+    right after its copy's seed."""
     if getattr(model, "compiled", False):
         return "compiled by the builder"
-    if len(getattr(model, "inputs", None) or ()) != 1 or len(getattr(model, "outputs", None) or ()) != 1:
-        return "not one input and one output"
+    import keras
+
+    try:
+        outputs = keras.tree.flatten(model(keras.Input(shape=input_shape)))
+    except Exception:  # noqa: BLE001 - the user's model: train it as it is, alone
+        return "cannot be called on one input"
+    if len(outputs) != 1:
+        return "not one output"
+    return None
+
+
+def copies_share_state(models: Sequence[Any]) -> str | None:
+    """Why a builder's copies cannot train as one program although each could (None: they can):
+    they share a weight (a builder that returns a cached model or reuses module-level layers:
+    their seeds would not be independent), or, on PyTorch, two weights have one path (Keras'
+    torch backend keys its parameters by path)."""
+    import keras
+
+    seen: set[int] = set()
+    paths: set[str] = set()
+    torch = keras.backend.backend() == "torch"
+    for model in models:
+        own = {id(w) for w in model.weights}
+        if own & seen:
+            return "copies share weights"
+        seen |= own
+        if torch:
+            own_paths = {w.path for w in model.weights}
+            if own_paths & paths:
+                return "weight paths repeat (PyTorch)"
+            paths |= own_paths
     return None
 
 
 def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) -> tuple[Any, list[Any], Any, bool] | None:
     """The fused model of a group, its copies, the vocabulary layout (None for a builder) and
     whether its inputs are images. Each copy is built right after its own seed: a builder is
-    called once per copy (a fresh model each time), the vocabulary built from its layout.
-    None when the builder's first model cannot be fused (`builder_trains_alone`)."""
+    called once per copy (a fresh model each time, its weights made before the next seed), the
+    vocabulary built from its layout. None when a builder's models cannot be fused
+    (`builder_trains_alone`, `copies_share_state`)."""
     from harness.models import build_fused, fuse_models
 
     config = runs[0].variant.model
@@ -231,19 +264,23 @@ def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) ->
         layout = model_layout(config, input_shape=dataset.image_shape, num_classes=dataset.num_classes)
         model, copies = build_fused(layout, [run.seed for run in runs], seed_fn=backend.seed)
         return model, copies, layout, uses_images(config)
-    from harness.builders import build_builder_model, model_input_shape
+    from harness.builders import build_builder_model, builder_function, model_input_shape
 
+    input_shape = model_input_shape(config, dataset.image_shape)
+    function = builder_function(config, root=runs[0].variant.code_root)  # imported before any seed
     models = []
     for run in runs:
         backend.seed(run.seed)
-        models.append(
-            build_builder_model(
-                config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
-            )
+        model = build_builder_model(
+            config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes,
+            function=function,
         )
-        if len(models) == 1 and builder_trains_alone(models[0]) is not None:
+        if builder_trains_alone(model, input_shape=input_shape) is not None:
             return None
-    model, copies = fuse_models(models, input_shape=model_input_shape(config, dataset.image_shape))
+        models.append(model)
+    if copies_share_state(models) is not None:
+        return None
+    model, copies = fuse_models(models, input_shape=input_shape)
     return model, copies, None, config.inputs == "images"
 
 

@@ -5,9 +5,9 @@ measured against other widths: the shared machine gave no usable timing; measure
 benchmarks/bench_engine.py --width K); on a GPU as many copies as fit in the worker's
 share of its memory by the model's estimate (`ModelSummary.train_memory_bytes`, plus each copy's
 own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. A builder's model (the user's
-own Keras code) has no memory estimate before a worker builds it: auto fuses it `CPU_AUTO_WIDTH`
-wide on CPU and not at all on a GPU (`--fuse K` forces it); a builder model that cannot be a fused
-copy (compiled by the user, several inputs or outputs) trains its group's runs one after another.
+own Keras code) has no memory estimate and may not be fusable (compiled by the user, several
+inputs or outputs) until a worker builds it: auto does not fuse it (its seeds go to separate
+workers); `--fuse K` fuses K, and a group whose model cannot fuse trains one run after another.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: 
     for this worker (None: `CPU_MEMORY_BYTES` on CPU; on GPU, no memory limit known: the cap)."""
     if not fusable(run):
         return 1
-    if run.variant.model.builder is not None:  # no memory estimate before it is built
-        return CPU_AUTO_WIDTH if device_kind == "cpu" else 1
+    if run.variant.model.builder is not None:
+        # No memory estimate, and whether it can fuse at all (a model the user compiled cannot)
+        # is known only when a worker builds it: auto keeps its seeds apart, on separate workers.
+        return 1
     cap = CPU_AUTO_WIDTH if device_kind == "cpu" else GPU_MAX_WIDTH
     budget = memory_bytes if memory_bytes is not None else (CPU_MEMORY_BYTES if device_kind == "cpu" else None)
     if budget is not None:

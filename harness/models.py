@@ -150,14 +150,15 @@ def fuse_models(models: Sequence[Any], *, input_shape: tuple[int, ...]):
     """K independent Keras models (a builder's, each built right after its own seed) in one
     functional model, as `build_fused` does for the vocabulary: input k feeds copy k, output k is
     named `copy_name(k)`. Each model is wrapped in a model of that name, so copies of a builder
-    that names its own layers or model do not clash. Single input, single output models only
+    that names its own layers or model do not clash. One input to one output only
     (`harness.fused.builder_trains_alone`)."""
     import keras
 
     copies = []
     for index, model in enumerate(models):
         x = keras.Input(shape=input_shape)
-        copies.append(keras.Model(x, model(x), name=copy_name(index)))
+        # one output, even if the model nests it (`[out]`, `{"probs": out}`)
+        copies.append(keras.Model(x, keras.tree.flatten(model(x))[0], name=copy_name(index)))
     inputs = [keras.Input(shape=input_shape, name=f"x{index}") for index in range(len(models))]
     outputs = [copy(x) for copy, x in zip(copies, inputs)]
     return keras.Model(inputs, outputs, name=f"fused_{len(models)}"), copies

@@ -22,14 +22,13 @@ from harness.spec import SweepSpec, Variant, content_hash
 #    loss averages per example; a run's math is the same alone or fused, so fusing is not in the id.
 # 4: a sigmoid layer is a plain sigmoid on every backend (Keras' TensorFlow backend fed a sigmoid
 #    output's logits to categorical cross-entropy, i.e. trained a softmax; `models.plain_sigmoid`).
-#    Logging only, same updates: a copy's logged loss is its per-example data loss plus its weight
-#    penalty at the epoch's end (a metric cannot read weights in JAX's stateless steps).
-TRAIN_PROTOCOL = 4
-# The same for a builder's model (the user's own Keras code; in its runs' identity only, so the
-# vocabulary's run ids and stored results stand). 2: a builder's model that the harness compiles
-# trains as a group like the vocabulary (own per-epoch order from (seed, epoch), the logged loss
-# per example, fused or alone); one the user compiled still trains alone with Keras' shuffle.
-BUILDER_PROTOCOL = 2
+# 5: a copy's logged loss is its per-example data loss plus its weight penalty at the epoch's end
+#    (a metric cannot read weights in JAX's stateless steps: every regularized model FAILED on
+#    JAX), and a weight that is not finite makes the run DIVERGED (TensorFlow's relu hid a NaN
+#    weight from the loss). A builder's model that the harness compiles trains through the group
+#    path like the vocabulary (own per-epoch order, fused or alone); one the user compiled trains
+#    alone with Keras' shuffle, seeded.
+TRAIN_PROTOCOL = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +84,17 @@ def run_id_for(
     variant: Variant, *, seed: int, data_fingerprint: str, deterministic: bool, backend: BackendChoice
 ) -> str:
     """The run's identity is its content: variant content + seed + data + budget + the Keras
-    backend and its version + protocol (and, for a builder's model, the builder protocol)."""
-    identity: dict[str, Any] = {
-        "variant": variant.content(),
-        "seed": seed,
-        "data": data_fingerprint,
-        "deterministic": deterministic,
-        "keras_backend": [backend.backend, backend.version],
-        "protocol": TRAIN_PROTOCOL,
-    }
-    if variant.model.builder is not None:
-        identity["builder_protocol"] = BUILDER_PROTOCOL
-    return content_hash(identity)[:20]
+    backend and its version + protocol."""
+    return content_hash(
+        {
+            "variant": variant.content(),
+            "seed": seed,
+            "data": data_fingerprint,
+            "deterministic": deterministic,
+            "keras_backend": [backend.backend, backend.version],
+            "protocol": TRAIN_PROTOCOL,
+        }
+    )[:20]
 
 
 def summarize_variant(variant: Variant, dataset: Dataset, *, source: str, build_builders: bool = False) -> ModelSummary:

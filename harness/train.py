@@ -197,15 +197,16 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset) -> RunRecord:
         check_backend(run)
         versions = backend.versions()
         device = backend.device_label()
+        config = run.variant.model
+        from harness.builders import build_builder_model, builder_function, target_loss
+
+        function = builder_function(config, root=run.variant.code_root)  # imported before the seed
         backend.seed(run.seed)
         if run.deterministic:
             backend.enable_determinism()
-
-        config = run.variant.model
-        from harness.builders import build_builder_model, target_loss
-
         model = build_builder_model(
-            config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes
+            config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes,
+            function=function,
         )
         images, loss_kind = config.inputs == "images", target_loss(model, config.loss)
         inputs = prepared_inputs(

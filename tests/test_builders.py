@@ -51,6 +51,42 @@ def named_mlp(units=16, *, input_shape, num_classes):
     return keras.Model(inputs, outputs, name="named")
 
 
+class Subclassed(keras.Model):
+    """Weights made on the first call (no Input): each copy must be called right after its seed."""
+
+    def __init__(self, units, num_classes):
+        super().__init__()
+        self.flat = layers.Flatten()
+        self.hidden = layers.Dense(units, activation="relu")
+        self.out = layers.Dense(num_classes, activation="softmax")
+
+    def call(self, x):
+        return self.out(self.hidden(self.flat(x)))
+
+
+def subclassed(units=16, *, num_classes):
+    return Subclassed(units, num_classes)
+
+
+def nested_output(units=16, *, input_shape, num_classes):
+    """One output, nested in a list."""
+    inputs = keras.Input(shape=input_shape)
+    x = layers.Dense(units, activation="relu")(layers.Flatten()(inputs))
+    return keras.Model(inputs, [layers.Dense(num_classes, activation="softmax")(x)])
+
+
+# Made when the module is imported: Keras draws its initializer's seed from the global random
+# state, so a worker must import the module before it seeds a run (else the first run differs).
+_SHARED = layers.Dense(16, activation="relu", name="shared_hidden")
+
+
+def shared_layer(*, input_shape, num_classes):
+    """Every call reuses one module-level layer: copies would share its weights."""
+    inputs = keras.Input(shape=input_shape)
+    x = _SHARED(layers.Flatten()(inputs))
+    return keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
+
+
 def compiled_mlp(units, input_shape, num_classes):
     model = mlp(units, input_shape=input_shape, num_classes=num_classes)
     model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy",
@@ -260,12 +296,15 @@ def test_builders_train_for_real(tmp_path: Path, data_dir: Path) -> None:
     assert str(tmp_path) not in sys.path and str(tmp_path.resolve()) not in sys.path
 
 
-def test_builder_seeds_fuse_and_each_ends_where_its_single_run_ends(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("builder", ["named_mlp", "subclassed", "nested_output"])
+def test_builder_seeds_fuse_and_each_ends_where_its_single_run_ends(builder: str, tmp_path: Path, data_dir: Path) -> None:
     """A builder called once per copy after that copy's seed: two seeds trained as one program
-    end with the histories and test results of each trained alone (penalty and dropout per copy)."""
+    end with the histories and test results of each trained alone (penalty and dropout per copy;
+    a subclassed model's weights made before the next seed; a nested single output)."""
     from harness.fused import train_group
 
-    path = sweep_file(tmp_path, '  - name: named\n    model: {builder: "mybuilders:named_mlp", args: {units: 16}}\n', seeds=2)
+    variant = f'  - name: b\n    model: {{builder: "mybuilders:{builder}", args: {{units: 16}}}}\n'
+    path = sweep_file(tmp_path, variant, seeds=2)
     prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
     fused = train_group(list(prepared.runs), prepared.dataset)
     assert [r.status for r in fused] == [RunStatus.DONE, RunStatus.DONE], fused[0].error
@@ -281,17 +320,23 @@ def test_builder_seeds_fuse_and_each_ends_where_its_single_run_ends(tmp_path: Pa
         assert record.test_accuracy == pytest.approx(alone.test_accuracy, abs=2 / 300)
 
 
-def test_a_builder_compiled_by_the_user_trains_its_group_one_run_at_a_time(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("builder", ["compiled_mlp", "shared_layer"])
+def test_a_builder_that_cannot_fuse_trains_its_group_one_run_at_a_time(builder: str, tmp_path: Path, data_dir: Path) -> None:
+    """Compiled by the user (its own loss and optimizer; each run as it would train in a group of
+    one), or copies that would share a layer's weights (seeds that are not independent): each run
+    of the group trains alone, not as a fused copy."""
     from harness.fused import train_group
 
-    path = sweep_file(tmp_path, '  - name: compiled\n    model: {builder: "mybuilders:compiled_mlp", args: {units: 16}}\n', seeds=2)
+    args = "{units: 16}" if builder == "compiled_mlp" else "{}"
+    path = sweep_file(tmp_path, f'  - name: b\n    model: {{builder: "mybuilders:{builder}", args: {args}}}\n', seeds=2)
     prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
     records = train_group(list(prepared.runs), prepared.dataset)
     assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
-    assert all("fused" not in r.metrics for r in records)  # each trained as the user compiled it
-    alone = train.train_run(prepared.runs[1], prepared.dataset)
-    assert alone.history["loss"] == pytest.approx(records[1].history["loss"], rel=1e-5)
+    assert all("fused" not in r.metrics for r in records)  # not fused copies
     assert records[0].history["loss"] != records[1].history["loss"]
+    if builder == "compiled_mlp":
+        alone = train.train_run(prepared.runs[1], prepared.dataset)
+        assert alone.history["loss"] == pytest.approx(records[1].history["loss"], rel=1e-5)
 
 
 def test_builder_edited_after_planning_fails_the_run(tmp_path: Path, data_dir: Path) -> None:

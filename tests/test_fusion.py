@@ -32,8 +32,9 @@ def test_memory_limits_the_auto_width(tmp_path: Path, data_dir: Path) -> None:
     assert fuse_width(None, runs, memory_bytes=per_copy // 2) == 1  # never 0
 
 
-def test_builder_models_fuse_on_cpu_and_alone_on_a_gpu_unless_forced(tmp_path: Path, data_dir: Path) -> None:
-    """A builder's model has no memory estimate before a worker builds it."""
+def test_builder_models_fuse_only_when_forced(tmp_path: Path, data_dir: Path) -> None:
+    """Whether a builder's model can fuse, and its memory, are known only when a worker builds it:
+    auto keeps its seeds on separate workers; `--fuse K` groups them."""
     import dataclasses
 
     from harness.architecture import ModelSummary
@@ -45,6 +46,5 @@ def test_builder_models_fuse_on_cpu_and_alone_on_a_gpu_unless_forced(tmp_path: P
         variant=dataclasses.replace(run.variant, model=ModelConfig.model_validate({"builder": "pkg.mod:build"})),
         summary=ModelSummary(()),
     )
-    assert fuse_width(None, [builder]) == CPU_AUTO_WIDTH
-    assert fuse_width(None, [builder], device_kind="gpu") == 1
+    assert fuse_width(None, [builder]) == 1 and fuse_width(None, [builder], device_kind="gpu") == 1
     assert fuse_width(8, [builder], device_kind="gpu") == 8 and fuse_width(1, [builder]) == 1

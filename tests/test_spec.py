@@ -128,7 +128,7 @@ def test_run_id_is_stable_and_keyed_by_content(tmp_path: Path) -> None:
     variant = load_text(tmp_path, BASE).variants[0]
     run_id = run_id_for(variant, seed=0, data_fingerprint="abc", deterministic=False, backend=TF)
     # Pinned: a change here silently orphans every stored result, so it must be deliberate.
-    assert run_id == "64332c730efdba2da96c"  # protocol 4 (a sigmoid is a sigmoid, see plan.TRAIN_PROTOCOL)
+    assert run_id == "c09ab5db26d2d4def644"  # protocol 5 (the logged loss and NaN weights, see plan.TRAIN_PROTOCOL)
     assert variant.variant_id == "3f0783da8899"
     assert run_id_for(variant, seed=1, data_fingerprint="abc", deterministic=False, backend=TF) != run_id
     assert run_id_for(variant, seed=0, data_fingerprint="abd", deterministic=False, backend=TF) != run_id
