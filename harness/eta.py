@@ -20,10 +20,11 @@ from typing import Iterable, Sequence
 PRIOR_STEP_S = 0.003
 PRIOR_FLOPS_PER_S = 40e9
 PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
-# A device whose runs have taken more than OVERDUE_FACTOR x their prediction + OVERDUE_GRACE_S
-# is past what the model knows: the ETA is unknown ("?") rather than a number that is known wrong.
-OVERDUE_FACTOR = 1.25
-OVERDUE_GRACE_S = 5.0
+# A device whose runs have taken longer than their prediction (+ OVERDUE_GRACE_S, for the poll's
+# jitter) is past what the model knows: the ETA is unknown ("?") rather than a count-down stuck at
+# 0:00:00 (seen on a fused group of seed 000's 256x4 network, predicted from the 32x4 group).
+OVERDUE_FACTOR = 1.0
+OVERDUE_GRACE_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,7 +194,7 @@ class Progress:
 
     def eta_s(self) -> float | None:
         """Predicted seconds left; None until a run has finished (the prior alone is a guess) and
-        while a device is far past its prediction (`harness.eta.OVERDUE_FACTOR`)."""
+        while a device is past its prediction (`harness.eta.OVERDUE_FACTOR`)."""
         if not any(not s.is_failure() for s in self.results.values()):
             return None
         now = self.clock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.eta import PRIOR, CostModel, CostTracker, RunCost, fit_cost_model, run_cost
+from harness.eta import OVERDUE_GRACE_S, PRIOR, CostModel, CostTracker, RunCost, fit_cost_model, run_cost
 
 
 def test_run_cost_counts_steps_of_every_epoch() -> None:
@@ -98,18 +98,18 @@ def test_progress_counts_runs_not_attempts_and_eta_follows_the_fitted_model(tmp_
     assert "pending -" not in stream.getvalue()
 
 
-def test_a_device_well_past_its_prediction_has_no_eta() -> None:
+def test_a_device_past_its_prediction_has_no_eta() -> None:
     tracker = CostTracker()
     model = CostModel(0.0, 0.004, 0.0, "t")
     for steps in (100, 200, 300, 400):
         tracker.observe("cpu", RunCost(steps, 0), model.predict(RunCost(steps, 0)))
     predicted = tracker.model("cpu").predict(RunCost(1000, 0))  # 4 s
-    # a little late: still an estimate (what the pending run needs), never negative
-    late = tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), predicted + 1.0)], slots=1)
-    assert late == pytest.approx(predicted)
-    # far past the prediction: unknown, not a count-down stuck at zero
-    stuck = 1.25 * predicted + 5.0 + 0.1
-    assert tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), stuck)], slots=1) is None
+    # on time: what it still needs plus the pending run
+    on_time = tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), predicted - 1.0)], slots=1)
+    assert on_time == pytest.approx(1.0 + predicted)
+    # past the prediction: unknown, not a count-down stuck at zero
+    late = predicted + OVERDUE_GRACE_S + 0.1
+    assert tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), late)], slots=1) is None
     # a fused group's predictions add up before the rule applies
-    group = [("cpu", RunCost(1000, 0), stuck)] * 3
-    assert tracker.eta_s(pending=[], running=group, slots=1) is not None
+    group = [("cpu", RunCost(1000, 0), late)] * 3
+    assert tracker.eta_s(pending=[], running=group, slots=1) == pytest.approx(3 * predicted - late)
