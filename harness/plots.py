@@ -258,6 +258,33 @@ def _setup():
     return plt, sns
 
 
+def off_scale_notes(
+    ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame, low: float, high: float
+) -> dict[tuple[str, bool], str]:
+    """What lies outside the accuracy plot's window, as one note per (variant, below the window):
+    its mean, its seeds below (equal values counted once: "3 seeds at 9.8"), its published numbers
+    outside; drawn as one line each, so nothing is overprinted."""
+    parts: dict[tuple[str, bool], list[str]] = {}
+    for row in ranked[(ranked["mean"] < low) | (ranked["mean"] > high)].itertuples(index=False):
+        parts.setdefault((row.variant, bool(row.mean < low)), []).append(f"mean {row.mean:.1f}")
+    if len(seeds):
+        below = seeds[seeds["test_accuracy"] < low]
+        for variant, group in below.groupby("variant", sort=False):
+            values = [f"{v:.1f}" for v in sorted(group["test_accuracy"])]
+            text = (f"{len(values)} seeds at {values[0]}" if len(set(values)) == 1 and len(values) > 1
+                    else ("seed " if len(values) == 1 else "seeds ") + ", ".join(values))
+            parts.setdefault((variant, True), []).append(text)
+    if len(refs):
+        off = refs[(refs["reference"] < low) | (refs["reference"] > high)]
+        for (variant, is_below), group in off.groupby([off["variant"], off["reference"] < low], sort=False):
+            parts.setdefault((variant, bool(is_below)), []).append(
+                "published " + ", ".join(f"{r:g}" for r in group["reference"]))
+    return {
+        key: ("◀ " if key[1] else "") + " · ".join(texts) + ("" if key[1] else " ▶")
+        for key, texts in parts.items()
+    }
+
+
 def draw_accuracy(ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
     plt, _sns = _setup()
     lines = [label.count("\n") + 1 for label in ranked["label"]]
@@ -274,9 +301,6 @@ def draw_accuracy(ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame,
     for row in off.itertuples(index=False):
         edge, marker = (low, "<") if row.mean < low else (high, ">")
         ax.plot([edge], [y[row.variant]], marker, color="tab:blue", ms=9)
-        ax.annotate(f"mean {row.mean:.1f}", (edge, y[row.variant]), fontsize="x-small", color="tab:blue",
-                    xytext=(6 if marker == "<" else -6, -10), textcoords="offset points",
-                    ha="left" if marker == "<" else "right")
     if len(seeds):
         jitter = np.linspace(-0.15, 0.15, max(2, seeds["seed"].nunique()))
         seed_pos = {s: jitter[i % len(jitter)] for i, s in enumerate(sorted(seeds["seed"].unique()))}
@@ -287,20 +311,15 @@ def draw_accuracy(ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame,
         if len(below):
             ax.scatter([low] * len(below), [y[v] + seed_pos[s] for v, s in zip(below["variant"], below["seed"])],
                        marker="<", s=40, color="tab:red", zorder=4, label="seed off scale (collapsed), value written")
-            for row in below.itertuples(index=False):
-                ax.annotate(f"{row.test_accuracy:.1f}", (low, y[row.variant] + seed_pos[row.seed]), fontsize="x-small",
-                            color="tab:red", xytext=(5, -3), textcoords="offset points")
     if len(refs):
         shown = refs[(refs["reference"] >= low) & (refs["reference"] <= high)]
         ax.scatter(shown["reference"], [y[v] for v in shown["variant"]], marker="x", s=60, color="tab:red",
                    label="published", zorder=4)
-        off = refs[(refs["reference"] < low) | (refs["reference"] > high)]
-        for (variant, below), group in off.groupby([off["variant"], off["reference"] < low], sort=False):
-            numbers = ", ".join(f"{r:g}" for r in group["reference"])  # one label per side, never overprinted
-            edge, align = (low, "left") if below else (high, "right")
-            text = f"◀ published {numbers}" if below else f"published {numbers} ▶"
-            ax.annotate(text, (edge, y[variant]), color="tab:red", fontsize="x-small", ha=align, va="bottom",
-                        xytext=(0, 3), textcoords="offset points")
+    for (variant, is_below), text in off_scale_notes(ranked, seeds, refs, low, high).items():
+        edge = low if is_below else high
+        ax.annotate(text, (edge, y[variant]), fontsize="x-small", color="dimgray", va="center",
+                    ha="left" if is_below else "right", xytext=(12 if is_below else -12, 0), textcoords="offset points",
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=5)
     ax.set_xlim(low, high)
     ax.set_yticks(range(len(ranked)))
     ax.set_yticklabels(ranked["label"], fontsize="x-small")

@@ -176,3 +176,21 @@ def test_conv_table_plots_are_written(tmp_path: Path) -> None:
     assert {"accuracy", "learning_curves", "accuracy_vs_params", "accuracy_vs_train_s"} <= set(written)
     for png in written.values():
         assert png.stat().st_size > 1000
+
+
+def test_what_lies_off_scale_is_one_note_per_variant_and_side() -> None:
+    """The quickstart's collapsed row (3 seeds at 9.8, published 9.8) was overprinted by four labels."""
+    from harness.plots import off_scale_notes
+
+    ranked = pd.DataFrame({"variant": ["cnn", "sigmoid", "wide"], "mean": [98.2, 9.8, 99.9]})
+    seeds = pd.DataFrame({"variant": ["cnn"] * 3 + ["sigmoid"] * 3 + ["wide"],
+                          "seed": [0, 1, 2, 0, 1, 2, 0], "test_accuracy": [98.1, 98.3, 98.2, 9.8, 9.8, 9.8, 99.9]})
+    refs = pd.DataFrame({"variant": ["sigmoid", "cnn", "cnn"], "reference": [9.8, 98.2, 12.0]})
+    notes = off_scale_notes(ranked, seeds, refs, 95.0, 99.5)
+    assert notes == {
+        ("sigmoid", True): "◀ mean 9.8 · 3 seeds at 9.8 · published 9.8",
+        ("cnn", True): "◀ published 12",
+        ("wide", False): "mean 99.9 ▶",
+    }
+    seeds.loc[4, "test_accuracy"] = 11.36
+    assert off_scale_notes(ranked, seeds, refs, 95.0, 99.5)[("sigmoid", True)] == "◀ mean 9.8 · seeds 9.8, 9.8, 11.4 · published 9.8"
