@@ -10,7 +10,7 @@ Rounds are interleaved (pool, ray, pool, ray...) and medians reported.
 Also measured: how many run records per second the driver's SQLite store absorbs (one
 transaction per record, as the sweep routine stores them), the ceiling of any executor.
 
-    HARNESS_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_executors.py [--repeats 3]
+    HARNESS_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_executors.py [--repeats 2]
 """
 
 from __future__ import annotations
@@ -95,10 +95,11 @@ def store_throughput(n: int = 2000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of both ways; medians reported")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of both ways; medians reported")
     parser.add_argument("--workers", type=int, default=2, help="pool workers = Ray CPUs")
-    parser.add_argument("--train", type=int, default=6000, help="training images")
-    parser.add_argument("--epochs", type=int, default=2)
+    # runs of ~5 s each: long enough that a run's own time, not process start-up, is measured
+    parser.add_argument("--train", type=int, default=20000, help="training images")
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("HARNESS_DATA_DIR", str(REPO.parent / "shared" / "data"))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
