@@ -43,7 +43,7 @@ from harness.plan import PlannedRun
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
 from harness.store import DEFAULT_STORE, ResultStore
-from harness.sweep import PreparedSweep, Progress, order_longest_first, pending_runs, sweep_info
+from harness.sweep import PreparedSweep, Progress, expected_seconds, order_longest_first, pending_runs, sweep_info
 
 POLL_S = 0.25
 
@@ -149,11 +149,11 @@ def form_groups(runs: Sequence[PlannedRun], width: int | Callable[[PlannedRun], 
 
 
 def order_groups(groups: Sequence[tuple[PlannedRun, ...]]) -> list[tuple[PlannedRun, ...]]:
-    """Longest first (estimated FLOPs), the backend with the most runs first, so workers rarely
-    restart for another Keras backend and no long group starts last."""
+    """Longest first (`sweep.expected_seconds`: steps and FLOPs), the backend with the most runs
+    first, so workers rarely restart for another Keras backend and no long group starts last."""
     per_backend = collections.Counter(backend_of(g[0]) for g in groups for _ in g)
     rank = {b: i for i, (b, _n) in enumerate(sorted(per_backend.items(), key=lambda item: (-item[1], item[0])))}
-    return sorted(groups, key=lambda g: (rank[backend_of(g[0])], -sum(r.estimated_train_flops for r in g)))
+    return sorted(groups, key=lambda g: (rank[backend_of(g[0])], -sum(expected_seconds(r) for r in g)))
 
 
 # --------------------------------------------------------------------------- the routine

@@ -154,19 +154,10 @@ class Progress:
         every_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from harness.eta import CostTracker, run_cost
+        from harness.eta import CostTracker
 
         self.total = len({r.run_id for r in runs})
-        self.costs = {
-            r.run_id: run_cost(
-                n_train=int(r.dataset.get("n_train", 0)),
-                validation_split=r.variant.validation_split,
-                batch_size=r.variant.batch_size,
-                epochs=r.variant.epochs,
-                train_flops=r.estimated_train_flops,
-            )
-            for r in runs
-        }
+        self.costs = {r.run_id: planned_cost(r) for r in runs}
         self.tracker = CostTracker()
         self.results: dict[str, RunStatus] = {}  # run id -> status of its last finished attempt
         self.running: dict[str, tuple[str, PlannedRun]] = {}
@@ -294,6 +285,28 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def planned_cost(run: PlannedRun):
+    """A run's cost for the ETA model (`harness.eta.RunCost`): its optimizer steps and FLOPs."""
+    from harness.eta import run_cost
+
+    return run_cost(
+        n_train=int(run.dataset.get("n_train", 0)),
+        validation_split=run.variant.validation_split,
+        batch_size=run.variant.batch_size,
+        epochs=run.variant.epochs,
+        train_flops=run.estimated_train_flops,
+    )
+
+
+def expected_seconds(run: PlannedRun) -> float:
+    """A run's expected time before anything ran: the ETA's prior (steps and FLOPs). FLOPs alone
+    put seed 004's step-bound 50-epoch, batch-32 MLP (94,000 steps) after far shorter runs, and
+    it started last."""
+    from harness.eta import PRIOR
+
+    return PRIOR.predict(planned_cost(run))
+
+
 def order_longest_first(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
-    """Longest expected runs first (estimated training FLOPs), so no long run starts last."""
-    return sorted(runs, key=lambda r: -r.estimated_train_flops)
+    """Longest expected runs first (`expected_seconds`), so no long run starts last."""
+    return sorted(runs, key=lambda r: -expected_seconds(r))

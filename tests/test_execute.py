@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.execute import SweepOptions, form_groups, order_groups, run_sweep
+from harness.sweep import expected_seconds
 from harness.executor import GroupStarted, InlineExecutor, RecordsReturned
 from harness.leases import Claim, LeaseKeeper
 from harness.plan import PlannedRun
@@ -162,8 +163,8 @@ def test_groups_run_longest_first_and_one_backend_after_the_other(prepared) -> N
     backends = [g[0].backend.backend for g in ordered]
     assert backends == sorted(backends, key=lambda b: b == "jax")  # the backend with most runs first
     tf_groups = [g for g in ordered if g[0].backend.backend == "tensorflow"]
-    flops = [sum(r.estimated_train_flops for r in g) for g in tf_groups]
-    assert flops == sorted(flops, reverse=True) and tf_groups[0][0].variant.name == "cnn_8"
+    expected = [sum(expected_seconds(r) for r in g) for g in tf_groups]
+    assert expected == sorted(expected, reverse=True) and tf_groups[0][0].variant.name == "cnn_8"
     assert all(len({(r.variant.name, r.backend.backend) for r in g}) == 1 and len(g) <= 2 for g in ordered)
 
 

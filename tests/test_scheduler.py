@@ -210,6 +210,21 @@ def test_longest_runs_first(prepared) -> None:
     assert ordered[0].variant.name == "cnn_8"
 
 
+def test_a_step_bound_run_counts_its_steps_not_only_its_flops(prepared) -> None:
+    """A step-bound run (like seed 004's 50 epochs at batch 32: many cheap steps) is longer than a
+    run of more FLOPs in far fewer steps."""
+    import dataclasses
+
+    from harness.sweep import expected_seconds
+
+    cnn = next(r for r in prepared.runs if r.variant.name == "cnn_8")
+    mlp = next(r for r in prepared.runs if r.variant.name == "mlp_32")
+    long_mlp = dataclasses.replace(mlp, variant=dataclasses.replace(mlp.variant, epochs=2, batch_size=1))
+    assert long_mlp.estimated_train_flops < cnn.estimated_train_flops
+    assert expected_seconds(long_mlp) > expected_seconds(cnn)
+    assert order_longest_first([cnn, long_mlp])[0] is long_mlp
+
+
 def test_progress_line_shows_device_activity(prepared) -> None:
     stream = io.StringIO()
     progress = Progress(prepared.runs, stream=stream, every_s=0.0)
