@@ -316,17 +316,22 @@ def draw_accuracy(ranked: pd.DataFrame, seeds: pd.DataFrame, refs: pd.DataFrame,
         ax.scatter(shown["reference"], [y[v] for v in shown["variant"]], marker="x", s=60, color="tab:red",
                    label="published", zorder=4)
     for (variant, is_below), text in off_scale_notes(ranked, seeds, refs, low, high).items():
-        edge = low if is_below else high
-        ax.annotate(text, (edge, y[variant]), fontsize="x-small", color="dimgray", va="center",
-                    ha="left" if is_below else "right", xytext=(12 if is_below else -12, 0), textcoords="offset points",
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=5)
+        if is_below:  # inside, by the left edge (the window rarely holds data there)
+            ax.annotate(text, (low, y[variant]), fontsize="x-small", color="dimgray", va="center", ha="left",
+                        xytext=(12, 0), textcoords="offset points",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=5)
+        else:  # outside the right edge: the best rows' seeds sit by it, a note there would hide them
+            ax.annotate(text, (1.0, y[variant]), xycoords=("axes fraction", "data"), fontsize="x-small",
+                        color="dimgray", va="center", ha="left", xytext=(4, 0), textcoords="offset points",
+                        annotation_clip=False)
     ax.set_xlim(low, high)
     ax.set_yticks(range(len(ranked)))
     ax.set_yticklabels(ranked["label"], fontsize="x-small")
     ax.set_ylim(len(ranked) - 0.5, -0.5)
     ax.set_xlabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+    # the legend above the axes, under the title: the right margin holds the off-scale notes
+    ax.set_title(title, pad=26)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize="x-small", frameon=False)
     return _save(fig, out_dir, "accuracy")
 
 
