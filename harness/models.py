@@ -123,22 +123,31 @@ def build_fused(layout: ModelLayout, seeds: Sequence[int], *, seed_fn: Callable[
     return keras.Model(inputs, outputs, name=f"fused_{len(seeds)}"), copies
 
 
+def penalized_weights(copy: Any, layout: ModelLayout | None) -> list[tuple[Any, Any]]:
+    """(weight, regularizer) of each penalized weight of a copy: the layout's regularizer on its
+    regularized kernels (a vocabulary copy, built without layer regularizers), or each weight's
+    own regularizer (a builder's copy, `layout` None)."""
+    if layout is None:
+        return [(v, v.regularizer) for v in copy.trainable_weights if getattr(v, "regularizer", None) is not None]
+    regularizer = _regularizer(layout)
+    return [
+        (layer.kernel, regularizer)
+        for spec, layer in zip(layout.layers, copy.layers, strict=True)
+        if isinstance(spec, (Conv2DSpec, DenseSpec)) and spec.regularized and regularizer is not None
+    ]
+
+
 def copy_loss(loss: str, copy: Any, layout: ModelLayout) -> Callable[[Any, Any], Any]:
     """Copy `copy`'s loss: the variant's loss plus the penalty of the copy's own regularized
     kernels (what a single model's total loss is; its gradients reach only this copy)."""
     import keras
 
     base = keras.losses.get(loss)
-    regularizer = _regularizer(layout)
-    kernels = [
-        layer.kernel
-        for spec, layer in zip(layout.layers, copy.layers, strict=True)
-        if isinstance(spec, (Conv2DSpec, DenseSpec)) and spec.regularized and regularizer is not None
-    ]
+    penalized = penalized_weights(copy, layout)
 
     def fn(y_true: Any, y_pred: Any) -> Any:
         value = base(y_true, y_pred)
-        for kernel in kernels:
+        for kernel, regularizer in penalized:
             value = value + regularizer(kernel)
         return value
 
@@ -186,15 +195,7 @@ def copy_penalty(copy: Any, layout: ModelLayout | None) -> Callable[[], float]:
     loss plus this; a metric cannot read weights inside JAX's stateless train and test steps.
     NaN when any of its weights is not finite: a NaN weight does not always show in the data loss
     (TensorFlow's relu turns NaN into 0), and a model with NaN weights has diverged."""
-    if layout is not None:
-        regularizer = _regularizer(layout)
-        pairs = [
-            (layer.kernel, regularizer)
-            for spec, layer in zip(layout.layers, copy.layers, strict=True)
-            if isinstance(spec, (Conv2DSpec, DenseSpec)) and spec.regularized and regularizer is not None
-        ]
-    else:
-        pairs = [(v, v.regularizer) for v in copy.trainable_weights if getattr(v, "regularizer", None) is not None]
+    pairs = penalized_weights(copy, layout)
 
     def penalty() -> float:
         import numpy as np
