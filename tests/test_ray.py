@@ -84,6 +84,23 @@ def test_actors_get_the_data_from_the_object_store_not_from_files(
     assert all(c["n_train"] == 300 for c in seen)
 
 
+def _skip_without_ray() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: Ray reads its settings on import
+        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+
+
+def _fake_sweep_env(log: Path, *, sleep_s: float, drop: tuple[str, ...]) -> dict[str, str]:
+    """The environment of a sweep subprocess that trains with tests/fake_train.py (each call logged
+    to `log`, sleeping `sleep_s`), without the variables in `drop`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HARNESS_FAKE_LOG": str(log),
+           "HARNESS_FAKE_SLEEP": str(sleep_s)}
+    for key in drop:
+        env.pop(key, None)
+    return env
+
+
 CLUSTER_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, threading, time
@@ -133,17 +150,12 @@ CLUSTER_SCRIPT = textwrap.dedent(
 def test_a_node_lost_mid_sweep_loses_no_run_and_trains_none_twice(tmp_path: Path, data_dir: Path) -> None:
     from harness.store import SQLiteStore
 
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+    _skip_without_ray()
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER_SCRIPT)
     sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=4, train=300, test=100))
     log = tmp_path / "calls.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HARNESS_FAKE_LOG": str(log),
-           "HARNESS_FAKE_SLEEP": "2"}
-    env.pop("RAY_ADDRESS", None)
+    env = _fake_sweep_env(log, sleep_s=2, drop=("RAY_ADDRESS",))
     result = subprocess.run([sys.executable, str(script), str(sweep), str(tmp_path / "h.db"), str(data_dir), str(log)],
                             env=env, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -206,22 +218,18 @@ def _raylets() -> set[int]:
 def test_ctrl_c_on_ray_exits_130_keeps_finished_runs_and_stops_its_cluster(tmp_path: Path, data_dir: Path) -> None:
     """Ctrl-C during a Ray sweep: exit 130, no traceback, the runs finished so far stored, no
     claim left, the cluster the harness started gone; the resumed sweep trains exactly the rest."""
-    import importlib.util
     import signal
     import time
 
     from harness.store import SQLiteStore
 
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip('Ray not installed (pip install -e ".[ray]")')
+    _skip_without_ray()
     script = tmp_path / "sweep.py"
     script.write_text(CTRL_C_SCRIPT)
     sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=6, train=300, test=100))
     log = tmp_path / "calls.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HARNESS_FAKE_LOG": str(log),
-           "HARNESS_FAKE_SLEEP": "1.0"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):  # not the session's test cluster
-        env.pop(key, None)
+    # its own cluster, not the session's test cluster
+    env = _fake_sweep_env(log, sleep_s=1, drop=("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"))
     before = _raylets()
     argv = [sys.executable, str(script), str(sweep), str(tmp_path / "h.db"), str(data_dir)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
