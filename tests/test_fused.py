@@ -191,3 +191,21 @@ def test_a_regularized_model_trains_fused_on_every_backend(backend: str, tmp_pat
         assert record.test_accuracy > 0.3  # chance is 0.1
         assert len(record.history["val_loss"]) == 2 and np.isfinite(record.metrics["test_loss"])
     assert records[0].history["loss"] != records[1].history["loss"]
+
+
+def test_a_non_finite_weight_makes_the_logged_loss_nan_without_any_regularizer() -> None:
+    """TensorFlow's relu turns NaN into 0, so a NaN weight need not show in the data loss: the
+    penalty read between epochs is NaN for any copy whose weights are not all finite."""
+    import keras
+
+    from harness.architecture import model_layout
+    from harness.models import build_layout, copy_penalty
+
+    layout = model_layout(ModelConfig.model_validate({"dense": {"units": [4]}}), input_shape=(3,), num_classes=2)
+    copy = build_layout(layout)
+    assert copy_penalty(copy, layout)() == 0.0  # no regularizer: no penalty
+    weights = copy.get_weights()
+    weights[0][1, 2] = np.nan
+    copy.set_weights(weights)
+    assert np.isnan(copy_penalty(copy, layout)())
+    keras.backend.clear_session()
