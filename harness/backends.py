@@ -321,10 +321,6 @@ class Adapter:
         keras.backend.clear_session(free_memory=self.uses_gpu())
         gc.collect(1)
 
-    def to_device(self, array: Any) -> Any:
-        """An input array as this backend wants it fed to `fit` (kept for the worker's next runs)."""
-        return array
-
     def matmul_seconds(self, size: int, repeats: int) -> float:
         raise NotImplementedError
 
@@ -418,9 +414,6 @@ class JaxAdapter(Adapter):
         import jax
 
         return [f"GPU:{d.id} {d.device_kind}" for d in jax.devices() if d.platform == "gpu"]
-
-    def to_device(self, array: Any) -> Any:
-        return array
 
     def matmul_seconds(self, size: int, repeats: int) -> float:
         import jax

@@ -173,6 +173,40 @@ def fuse_models(models: Sequence[Any], *, input_shape: tuple[int, ...]):
     return keras.Model(inputs, outputs, name=f"fused_{len(models)}"), copies
 
 
+def row_input_name(index: int) -> str:
+    """The name of fused copy `index`'s index input in a model fed by row number (`fed_by_rows`)."""
+    return f"rows{index}"
+
+
+def fed_by_rows(copies: Sequence[Any], data: Any):
+    """The training model of a group whose inputs stay on the device: `data` (the scaled training
+    inputs, N x ...) is held once, as a non-trainable Keras variable (on the backend's device),
+    and copy k is fed the rows whose numbers arrive on int32 input k (`row_input_name(k)`; its
+    epoch's order, batch by batch). The same batches as feeding `data[order]`, with neither a
+    copy of the data per copy and epoch on the host nor its transfer to the device. Output k is
+    copy k's prediction, named like the copy (`copy_name(k)`), as in `build_fused`."""
+    import keras
+    from keras import ops
+
+    class Rows(keras.layers.Layer):
+        """Rows of a fixed array by row number; no weight to train."""
+
+        def __init__(self, array: Any, **kwargs: Any) -> None:
+            super().__init__(trainable=False, **kwargs)
+            self.rows = keras.Variable(array, trainable=False, name="rows")
+
+        def call(self, index: Any) -> Any:
+            return ops.take(self.rows, index, axis=0)
+
+        def compute_output_shape(self, shape: Any) -> tuple:
+            return tuple(shape) + tuple(self.rows.shape[1:])
+
+    rows = Rows(data, name="inputs_on_device")
+    inputs = [keras.Input(shape=(), dtype="int32", name=row_input_name(index)) for index in range(len(copies))]
+    outputs = [copy(rows(index)) for copy, index in zip(copies, inputs)]
+    return keras.Model(inputs, outputs, name=f"fused_{len(copies)}_by_rows")
+
+
 def data_loss(loss: str, name: str) -> Callable[[Any, Any], Any]:
     """The variant's loss alone, named for one copy: what a builder's copy is compiled with (Keras
     adds its layers' penalties to the total itself, each penalty's gradient reaching only its own

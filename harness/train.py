@@ -65,8 +65,8 @@ def device_label() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedInputs:
-    """A run's arrays, scaled and shaped once per worker and kept for its next runs (as the
-    backend's adapter wants them fed; read-only)."""
+    """A run's arrays, scaled and shaped once per worker and kept for its next runs (read-only
+    NumPy; a fused group puts its training inputs on the device, `models.fed_by_rows`)."""
 
     x_fit: Any
     y_fit: Any
@@ -93,8 +93,6 @@ def prepared_inputs(
     """Scaled inputs (`images`: N,H,W,C; else flat) and targets for `loss` of `dataset`, the last
     `validation_split` of the training arrays held out (Keras' own convention). Cached for the
     worker's next runs."""
-    from harness.backends import adapter
-
     key = (dataset.fingerprint, preprocess, images, loss, validation_split)
     if key not in _PREPARED:
         if len(_PREPARED) >= 2:
@@ -106,11 +104,10 @@ def prepared_inputs(
         n_val = int(round(len(x_all) * validation_split))
         n_fit = len(x_all) - n_val
         arrays = [x_all[:n_fit], y_all[:n_fit], x_all[n_fit:] if n_val else None, y_all[n_fit:] if n_val else None, x_test, y_test]
-        to_device = adapter().to_device
         for array in arrays:
             if array is not None:
                 array.setflags(write=False)
-        _PREPARED[key] = PreparedInputs(*(None if a is None else to_device(a) for a in arrays))
+        _PREPARED[key] = PreparedInputs(*arrays)
     return _PREPARED[key]
 
 

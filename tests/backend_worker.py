@@ -20,14 +20,21 @@ def _serve(conn, env: dict[str, str]) -> None:
         message = conn.recv()
         if message is None:
             return
-        run, ref, subset, data_dir = message
+        run, ref, subset, data_dir, settings = message
         dataset = load_dataset(ref, subset=subset, data_dir=data_dir)
-        if isinstance(run, list):  # a group of runs of one variant: fused training
-            from harness.fused import train_group
+        from harness import fused
 
-            conn.send([record.to_json() for record in train_group(run, dataset)])
-        else:
-            conn.send(train.train_run(run, dataset).to_json())
+        saved = {name: getattr(fused, name) for name in settings}
+        for name, value in settings.items():  # module constants of harness.fused, for this call only
+            setattr(fused, name, value)
+        try:
+            if isinstance(run, list):  # a group of runs of one variant: fused training
+                conn.send([record.to_json() for record in fused.train_group(run, dataset)])
+            else:
+                conn.send(train.train_run(run, dataset).to_json())
+        finally:
+            for name, value in saved.items():
+                setattr(fused, name, value)
 
 
 class BackendTrainer:
@@ -43,11 +50,12 @@ class BackendTrainer:
         child.close()
 
     def train(self, run: Any, prepared: Any) -> RunRecord:
-        self.conn.send((run, prepared.spec.dataset, prepared.spec.subset, prepared.data_dir))
+        self.conn.send((run, prepared.spec.dataset, prepared.spec.subset, prepared.data_dir, {}))
         return RunRecord.from_json(self.conn.recv())
 
-    def train_group(self, runs: list, prepared: Any) -> list[RunRecord]:
-        self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir))
+    def train_group(self, runs: list, prepared: Any, settings: dict[str, Any] | None = None) -> list[RunRecord]:
+        """Train a group fused; `settings`: constants of `harness.fused` set for this call only."""
+        self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir, settings or {}))
         return [RunRecord.from_json(text) for text in self.conn.recv()]
 
     def close(self) -> None:

@@ -100,15 +100,16 @@ def backend_trainers():
 
 @pytest.fixture()
 def train_on(backend_trainers):
-    """`train_on(backend, run, prepared)` -> RunRecord, trained in a real process of that backend."""
+    """`train_on(backend, run, prepared)` -> RunRecord, trained in a real process of that backend
+    (a list of runs: trained fused, `settings` setting constants of `harness.fused` for that call)."""
 
-    def train(backend: str, run, prepared):
+    def train(backend: str, run, prepared, settings=None):
         from backend_worker import BackendTrainer
 
         if backend not in backend_trainers:
             backend_trainers[backend] = BackendTrainer(backend)
         if isinstance(run, (list, tuple)):
-            return backend_trainers[backend].train_group(list(run), prepared)
+            return backend_trainers[backend].train_group(list(run), prepared, settings)
         return backend_trainers[backend].train(run, prepared)
 
     return train

@@ -209,3 +209,61 @@ def test_a_non_finite_weight_makes_the_logged_loss_nan_without_any_regularizer()
     copy.set_weights(weights)
     assert np.isnan(copy_penalty(copy, layout)())
     keras.backend.clear_session()
+
+
+def test_a_model_fed_by_row_number_holds_the_inputs_once_and_predicts_as_the_copies() -> None:
+    """`fed_by_rows`: the inputs are one non-trainable variable (not a copy per copy), nothing of it
+    trains, and copy k's output for row numbers r is copy k's prediction of rows r."""
+    import keras
+
+    from harness.models import fed_by_rows, fuse_models
+
+    x, _y = _data(n=50)
+    models = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        models.append(keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")]))
+    fused, copies = fuse_models(models, input_shape=(12,))
+    by_rows = fed_by_rows(copies, x)
+    assert [tuple(v.shape) for v in by_rows.non_trainable_variables] == [(50, 12)]
+    assert {id(v) for v in by_rows.trainable_variables} == {id(v) for c in copies for v in c.trainable_variables}
+    rows = [np.array([3, 0, 49, 3], dtype=np.int32), np.array([7, 8, 9, 10], dtype=np.int32)]
+    got = by_rows.predict(rows, verbose=0)
+    want = fused.predict([x[rows[0]], x[rows[1]]], verbose=0)
+    for mine, theirs in zip(got, want):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6)
+
+
+ON_DEVICE_SWEEP = """
+schema_version: 1
+name: rows
+dataset: mnist
+subset: {train: 600, test: 200}
+budget: {epochs: 2, batch_size: 32, seeds: 2, validation_split: 0.1}
+defaults: {preprocess: unit, optimizer: adam}
+variants:
+  - name: bn_dropout_l2
+    model:
+      conv: [{filters: [4], kernel_size: 3, batchnorm: true, pool: max}]
+      dense: {units: [16], dropout: 0.2}
+      regularizer: {kind: l2, factor: 0.01}
+"""
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "torch"])
+def test_inputs_held_on_the_device_train_exactly_as_inputs_fed_from_the_host(
+    backend: str, tmp_path: Path, data_dir: Path, train_on
+) -> None:
+    """A group's training inputs held on the device and fed by row number (the default) give every
+    seed the history, validation and test result that feeding its permuted arrays from the host
+    gives, to the last bit: batch norm, dropout masks and penalties included."""
+    spec = load_sweep(write_sweep(tmp_path / "rows.yaml", ON_DEVICE_SWEEP))
+    prepared = prepare_sweep(spec.with_overrides(keras_backend=backend), data_dir=data_dir)
+    runs = list(prepared.runs)
+    on_device = train_on(backend, runs, prepared)
+    from_host = train_on(backend, runs, prepared, {"DEVICE_INPUTS_MAX_BYTES": 0})
+    assert [r.status for r in on_device + from_host] == [RunStatus.DONE] * 4, on_device[0].error
+    for mine, theirs in zip(on_device, from_host):
+        assert mine.history == theirs.history and set(mine.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+        assert (mine.test_accuracy, mine.metrics["test_loss"]) == (theirs.test_accuracy, theirs.metrics["test_loss"])
+    assert on_device[0].history["loss"] != on_device[1].history["loss"]
