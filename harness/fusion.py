@@ -4,8 +4,9 @@
 2-core machine, 10 seeds of MLP 64-64 at batch 32, `benchmarks/bench_engine.py --ways fused
 --width K`, one run each: width 1 17.7 s, 2 16.9 s, 5 14.4 s, 10 15.5 s, the same accuracies to
 every digit); on a GPU as many copies as fit in the worker's
-share of its memory by the model's estimate (`ModelSummary.train_memory_bytes`, plus each copy's
-own permuted copy of the training inputs), at most `GPU_MAX_WIDTH`. A builder's model (the user's
+share of its memory by the model's estimate (`ModelSummary.train_memory_bytes` and its permuted
+targets per copy, the training inputs once: they are held on the device for the whole group),
+at most `GPU_MAX_WIDTH`. A builder's model (the user's
 own Keras code) has no memory estimate and may not be fusable (compiled by the user, several
 inputs or outputs) until a worker builds it: auto does not fuse it (its seeds go to separate
 workers); `--fuse K` fuses K, and a group whose model cannot fuse trains one run after another.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from harness.fused import DEVICE_INPUTS_MAX_BYTES
 from harness.plan import PlannedRun
 
 CPU_AUTO_WIDTH = 5
@@ -24,13 +26,34 @@ GPU_MAX_WIDTH = 32
 CPU_MEMORY_BYTES = 4 * 2**30
 
 
+def _n_fit(run: PlannedRun) -> int:
+    return int(run.dataset.get("n_train", 0) * (1.0 - run.variant.validation_split))
+
+
+def input_bytes(run: PlannedRun) -> int:
+    """The size of `run`'s training inputs as float32."""
+    return 4 * _n_fit(run) * math.prod(run.summary.input_shape or (0,))
+
+
+def inputs_on_device(run: PlannedRun) -> bool:
+    """Whether a group of `run`'s variant holds its training inputs on the device, once for all
+    its copies (`harness.fused`), or feeds each copy its own permuted copy from host memory."""
+    return input_bytes(run) <= DEVICE_INPUTS_MAX_BYTES
+
+
+def shared_memory_bytes(run: PlannedRun) -> int:
+    """Estimated memory a group of `run`'s variant takes once, whatever its width: its training
+    inputs when they are held on the device."""
+    return input_bytes(run) if inputs_on_device(run) else 0
+
+
 def copy_memory_bytes(run: PlannedRun) -> int:
-    """Estimated memory one fused copy of `run` adds: its training state and activations, and
-    its own per-epoch permutation of the training inputs."""
+    """Estimated memory one fused copy of `run` adds: its training state and activations, its own
+    per-epoch permutation of the targets and, when the inputs are fed from the host, of them."""
     summary = run.summary
-    n_fit = int(run.dataset.get("n_train", 0) * (1.0 - run.variant.validation_split))
-    inputs = 4 * n_fit * math.prod(summary.input_shape or (0,))
-    return summary.train_memory_bytes(batch_size=run.variant.batch_size) + inputs
+    targets = 4 * _n_fit(run) * int(run.dataset.get("num_classes", 0) or 0)
+    own_inputs = 0 if inputs_on_device(run) else input_bytes(run)
+    return summary.train_memory_bytes(batch_size=run.variant.batch_size) + targets + own_inputs
 
 
 def fusable(run: PlannedRun) -> bool:
@@ -51,7 +74,7 @@ def auto_fuse_width(run: PlannedRun, *, device_kind: str = "cpu", memory_bytes: 
     cap = CPU_AUTO_WIDTH if device_kind == "cpu" else GPU_MAX_WIDTH
     budget = memory_bytes if memory_bytes is not None else (CPU_MEMORY_BYTES if device_kind == "cpu" else None)
     if budget is not None:
-        cap = min(cap, budget // max(1, copy_memory_bytes(run)))
+        cap = min(cap, max(0, budget - shared_memory_bytes(run)) // max(1, copy_memory_bytes(run)))
     return max(1, cap)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.fusion import CPU_AUTO_WIDTH, GPU_MAX_WIDTH, copy_memory_bytes, fuse_width
+from harness.fusion import CPU_AUTO_WIDTH, GPU_MAX_WIDTH, copy_memory_bytes, fuse_width, shared_memory_bytes
 from harness.spec import load_sweep
 from harness.sweep import prepare_sweep
 
@@ -25,11 +25,24 @@ def test_forced_off_and_auto(tmp_path: Path, data_dir: Path) -> None:
 
 def test_memory_limits_the_auto_width(tmp_path: Path, data_dir: Path) -> None:
     runs = _runs(tmp_path, data_dir)
-    per_copy = copy_memory_bytes(runs[0])
-    # inputs: 900 training images of 28x28x1 floats per copy, plus weights and activations
-    assert per_copy > 4 * 900 * 784 + 4 * runs[0].summary.params
-    assert fuse_width(None, runs, device_kind="gpu", memory_bytes=3 * per_copy + 1) == 3
+    per_copy, shared = copy_memory_bytes(runs[0]), shared_memory_bytes(runs[0])
+    # the inputs (900 training images of 28x28x1 floats) are held once for the whole group;
+    # each copy adds its weights, optimizer state, activations and permuted one-hot targets
+    assert shared == 4 * 900 * 784
+    assert per_copy > 4 * runs[0].summary.params + 4 * 900 * 10
+    assert fuse_width(None, runs, device_kind="gpu", memory_bytes=shared + 3 * per_copy + 1) == 3
+    assert fuse_width(None, runs, device_kind="gpu", memory_bytes=3 * per_copy + 1) == 2  # the inputs count once
     assert fuse_width(None, runs, memory_bytes=per_copy // 2) == 1  # never 0
+
+
+def test_inputs_too_large_for_the_device_count_per_copy(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    import harness.fusion
+
+    runs = _runs(tmp_path, data_dir)
+    on_device = copy_memory_bytes(runs[0])
+    monkeypatch.setattr(harness.fusion, "DEVICE_INPUTS_MAX_BYTES", 1000)
+    assert shared_memory_bytes(runs[0]) == 0
+    assert copy_memory_bytes(runs[0]) == on_device + 4 * 900 * 784  # each copy's own permuted inputs
 
 
 def test_builder_models_fuse_only_when_forced(tmp_path: Path, data_dir: Path) -> None:
