@@ -266,11 +266,11 @@ def copies_share_state(models: Sequence[Any]) -> str | None:
     return None
 
 
-def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) -> tuple[Any, list[Any], Any, bool] | None:
+def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) -> tuple[Any, list[Any], Any, bool] | str:
     """The fused model of a group, its copies, the vocabulary layout (None for a builder) and
     whether its inputs are images. Each copy is built right after its own seed: a builder is
     called once per copy (a fresh model each time, its weights made before the next seed), the
-    vocabulary built from its layout. None when a builder's models cannot be fused
+    vocabulary built from its layout. Why not, when a builder's models cannot be fused
     (`builder_trains_alone`, `copies_share_state`)."""
     from harness.models import build_fused, fuse_models
 
@@ -290,11 +290,13 @@ def _build_copies(runs: Sequence[PlannedRun], dataset: Dataset, backend: Any) ->
             config, root=run.variant.code_root, input_shape=dataset.image_shape, num_classes=dataset.num_classes,
             function=function,
         )
-        if builder_trains_alone(model, input_shape=input_shape) is not None:
-            return None
+        alone = builder_trains_alone(model, input_shape=input_shape)
+        if alone is not None:
+            return alone
         models.append(model)
-    if copies_share_state(models) is not None:
-        return None
+    shared = copies_share_state(models)
+    if shared is not None:
+        return shared
     model, copies = fuse_models(models, input_shape=input_shape)
     return model, copies, None, config.inputs == "images"
 
@@ -326,11 +328,11 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
             backend.enable_determinism()
         config, variant, n = first.variant.model, first.variant, len(runs)
         built_copies = _build_copies(runs, dataset, backend)
-        if built_copies is None:  # a builder's model that trains alone
+        if isinstance(built_copies, str):  # a builder's model that trains alone, and why
             release_memory()
             from harness.train import train_compiled_builder
 
-            return [train_compiled_builder(run, dataset) for run in runs]
+            return [train_compiled_builder(run, dataset, not_fused=built_copies) for run in runs]
         model, copies, layout, images = built_copies
         inputs = prepared_inputs(
             dataset,

@@ -176,11 +176,12 @@ def train_run(run: PlannedRun, dataset: Dataset) -> RunRecord:
     return train_group([run], dataset)[0]
 
 
-def train_compiled_builder(run: PlannedRun, dataset: Dataset) -> RunRecord:
+def train_compiled_builder(run: PlannedRun, dataset: Dataset, *, not_fused: str = "") -> RunRecord:
     """One run of a builder's model that cannot be a fused copy (`fused.builder_trains_alone`:
-    compiled by the user, or several inputs or outputs): built after the run's seed, compiled
-    by the harness only when the user did not, fitted with Keras' own shuffle (seeded), evaluated.
-    Any exception becomes a FAILED record."""
+    compiled by the user, or several inputs or outputs; `fused.copies_share_state`): built after
+    the run's seed, compiled by the harness only when the user did not, fitted with Keras' own
+    shuffle (seeded), evaluated. `not_fused` (why) is recorded as `metrics.not_fused`. Any
+    exception becomes a FAILED record."""
     started_at = utcnow()
     start = time.perf_counter()
     versions: dict[str, str] = {"harness": __version__}
@@ -272,6 +273,7 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset) -> RunRecord:
                      "wall_s": finished - start},
             device=device,
             versions=versions,
+            extra_metrics={"fused": 1, **({"not_fused": not_fused} if not_fused else {})},
         )
     except Exception:  # noqa: BLE001 - a failed run is a record, the sweep goes on
         return run.record(

@@ -332,7 +332,9 @@ def test_a_builder_that_cannot_fuse_trains_its_group_one_run_at_a_time(builder: 
     prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
     records = train_group(list(prepared.runs), prepared.dataset)
     assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
-    assert all("fused" not in r.metrics for r in records)  # not fused copies
+    assert all(r.metrics["fused"] == 1 for r in records)  # not fused copies, and each says why
+    why = "compiled by the builder" if builder == "compiled_mlp" else "copies share weights"
+    assert [r.metrics["not_fused"] for r in records] == [why, why]
     assert records[0].history["loss"] != records[1].history["loss"]
     if builder == "compiled_mlp":
         alone = train.train_run(prepared.runs[1], prepared.dataset)
