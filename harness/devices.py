@@ -4,12 +4,16 @@ GPUs come from `nvidia-smi` (or `--gpus`); each worker process is pinned to one 
 `CUDA_VISIBLE_DEVICES` and its Keras backend's memory sharing, several per GPU with
 `--runs-per-gpu`. On CPU the
 cores are packed as several single-thread workers: on the 2-core machine two 1-thread processes
-did the same MLP work 1.6x faster than one 2-thread process.
+did the same MLP work 1.6x faster than one 2-thread process. When the CPU workers share out all
+of this process's cores, each is pinned to its own (`WorkerSlot.cpus`): a thread setting does not
+bind every library (XLA's CPU runtime runs independent parts of a fused JAX program on threads of
+its own, 1.5 cores for a "1-thread" worker), and an unpinned worker then slows its neighbour.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 from typing import Callable, Sequence
 
@@ -17,6 +21,27 @@ from harness.backends import DEFAULT_BACKEND, worker_env
 from harness.errors import UserError
 
 WORKER_MEMORY_GIB = 2.0  # a TF worker with MNIST in memory stays well under this
+CPUS_ENV = "HARNESS_CPUS"  # the cores a worker pins itself to, e.g. "0" or "2,3"
+
+
+def allowed_cpus() -> tuple[int, ...]:
+    """The host cores this process may run on (its affinity: a container's cpuset), in order."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def pin_to_cpus(value: str) -> tuple[int, ...]:
+    """Pin this process (a worker, before it imports Keras) to the cores in `value` ("0,1"; empty:
+    left as it is). Where the OS has no affinity call or refuses, the worker runs unpinned."""
+    cores = tuple(int(c) for c in value.split(",") if c.strip().isdigit())
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        return ()
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError:  # a core gone or outside our cpuset: run where the OS puts us
+        return ()
+    return cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +62,13 @@ class WorkerSlot:
     backend: str = DEFAULT_BACKEND  # the Keras backend its worker imports (KERAS_BACKEND in env)
     runs_per_gpu: int = 1
     deterministic: bool = False  # deterministic GPU ops asked for in the env
+    cpus: tuple[int, ...] = ()  # the host cores it is pinned to (empty: not pinned)
 
     def environ(self) -> dict[str, str]:
-        return dict(self.env)
+        env = dict(self.env)
+        if self.cpus:
+            env[CPUS_ENV] = ",".join(str(c) for c in self.cpus)
+        return env
 
     @property
     def gpu(self) -> int | None:
@@ -117,6 +146,7 @@ def plan_workers(
     memory_gib: float | None = None,
     backend: str = DEFAULT_BACKEND,
     deterministic: bool = False,
+    cpus: Sequence[int] | None = None,
 ) -> list[WorkerSlot]:
     """Decide the worker processes for `pending` runs on this machine.
 
@@ -127,7 +157,10 @@ def plan_workers(
     - Every slot's environment is `backends.worker_env(backend, ...)`: KERAS_BACKEND and the
       backend's thread settings (`WorkerSlot.for_backend` gives the same slot for another one).
     - CPU: `workers` x `threads` (default: one single-thread worker per core, no more workers than
-      pending runs, spare cores given to the workers as threads, capped by memory).
+      pending runs, spare cores given to the workers as threads, capped by memory). When the
+      workers' threads add up to exactly the cores in `cpus` (this process's cores), each worker
+      is pinned to `threads` of them, its own; otherwise (fewer or more threads than cores, or
+      `cpus` None) no worker is pinned, so no core is left idle or doubly booked by the pinning.
     """
     if runs_per_gpu < 1:
         raise UserError("must be at least 1", key="--runs-per-gpu")
@@ -170,4 +203,10 @@ def plan_workers(
         count = max(1, min(count, int(memory_gib // WORKER_MEMORY_GIB)))
     per_thread = threads or max(1, cpu_count // count)
     env = worker_env(backend, threads=per_thread, deterministic=deterministic)  # CUDA_VISIBLE_DEVICES="" too
-    return [WorkerSlot(f"cpu.{i}", "cpu", per_thread, env, backend, 1, deterministic) for i in range(count)]
+    cores = list(cpus or ())
+    pinned = len(cores) == count * per_thread
+    return [
+        WorkerSlot(f"cpu.{i}", "cpu", per_thread, env, backend, 1, deterministic,
+                   tuple(cores[i * per_thread:(i + 1) * per_thread]) if pinned else ())
+        for i in range(count)
+    ]

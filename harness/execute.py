@@ -498,9 +498,13 @@ class _Machine:
     """What a sweep decides before loading data: devices and Keras backends."""
 
     gpus: tuple  # harness.devices.Gpu
-    cpu_count: int
+    cpus: tuple[int, ...]  # this process's cores
     backend_context: object  # harness.plan.BackendContext
     backends: dict[str, int]  # runs per Keras backend
+
+    @property
+    def cpu_count(self) -> int:
+        return len(self.cpus)
 
     @property
     def first_backend(self) -> str:
@@ -508,15 +512,14 @@ class _Machine:
 
 
 def _machine(spec: SweepSpec, options: SweepOptions) -> _Machine:
-    from harness.devices import detect_gpus
+    from harness.devices import allowed_cpus, detect_gpus
     from harness.plan import BackendContext, sweep_backends
 
-    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = tuple(detect_gpus()) if options.gpus != () and options.executor is ExecutorKind.POOL else ()
     on_gpu = bool(gpus)
     context = BackendContext(device_kind="gpu" if on_gpu else "cpu", calibration=_calibration(options.store, on_gpu))
     backends = sweep_backends(spec, context)  # a missing backend is an error here, before anything starts
-    return _Machine(gpus=gpus, cpu_count=cpu_count, backend_context=context, backends=backends)
+    return _Machine(gpus=gpus, cpus=allowed_cpus(), backend_context=context, backends=backends)
 
 
 def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
@@ -542,7 +545,7 @@ def worker_slots(spec: SweepSpec, options: SweepOptions, machine: _Machine, pend
         gpus=machine.gpus, pending=pending, cpu_count=machine.cpu_count,
         use_gpus=list(options.gpus) if options.gpus is not None else None, runs_per_gpu=options.runs_per_gpu,
         workers=options.workers, threads=options.threads, memory_gib=available_memory_gib(),
-        backend=machine.first_backend, deterministic=spec.deterministic,
+        backend=machine.first_backend, deterministic=spec.deterministic, cpus=machine.cpus,
     )
     return [slot.for_backend(b) for slot, b in zip(slots, share_workers(machine.backends, len(slots)))]
 

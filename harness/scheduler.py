@@ -24,7 +24,7 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Sequence
 
-from harness.devices import WorkerSlot
+from harness.devices import CPUS_ENV, WorkerSlot, pin_to_cpus
 from harness.errors import WorkerStartError
 from harness.executor import (
     ExecutorEvent,
@@ -114,6 +114,7 @@ def worker_main(
         signal.signal(signum, signal.SIG_IGN)  # the parent's to handle (it stops us)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked by the parent around our start
     os.environ.update(slot_env)
+    pin_to_cpus(os.environ.get(CPUS_ENV, ""))  # before any library starts its threads
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     from harness.data import load_dataset
 
@@ -219,8 +220,14 @@ class LocalPoolExecutor(SlotPool):
             self._members = [self._start(slot) for slot in self.slots]
 
     def describe(self) -> str:
+        def cores(slot: WorkerSlot) -> str:
+            if not slot.cpus:
+                return ""
+            return f", core{'s' if len(slot.cpus) > 1 else ''} {','.join(str(c) for c in slot.cpus)}"
+
         kinds = ", ".join(
-            f"{s.name} ({s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}, {s.backend})" for s in self.slots
+            f"{s.name} ({s.device}{cores(s)}, {s.threads} thread{'s' if s.threads > 1 else ''}, {s.backend})"
+            for s in self.slots
         )
         return f"workers: {len(self.slots)}: {kinds}"
 

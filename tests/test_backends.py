@@ -171,7 +171,7 @@ def test_same_sweep_trains_under_tensorflow_and_jax_and_agrees(tmp_path: Path, d
     runner = CliRunner()
     result = runner.invoke(cli, ["sweep", str(sweep), "--data-dir", str(data_dir), "--store", str(store_path), "--workers", "2"])
     assert result.exit_code == 0, result.output + result.stderr
-    assert "(cpu, 1 thread, jax)" in result.stderr and "(cpu, 1 thread, tensorflow)" in result.stderr
+    assert "1 thread, jax)" in result.stderr and "1 thread, tensorflow)" in result.stderr
     with SQLiteStore(store_path, create=False) as store:
         results = load_results(store, "backends_e2e")
     runs = results.runs
