@@ -41,6 +41,17 @@ def pin_to_cpus(value: str) -> tuple[int, ...]:
         os.sched_setaffinity(0, cores)
     except OSError:  # a core gone or outside our cpuset: run where the OS puts us
         return ()
+    # Linux pins one thread per call: the threads already running (NumPy's BLAS pool, started
+    # when the worker imported it) are pinned too; threads started later inherit the mask.
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = []
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cores)
+        except OSError:  # a thread that has just ended
+            pass
     return cores
 
 

@@ -127,12 +127,27 @@ class SweepOutcome:
 FUSED_GROUP_TRAINER = "harness.fused:train_group"
 
 
-def fuse_width(fuse: int | None, runs: Sequence[PlannedRun] = (), *, device_kind: str = "cpu") -> Callable[[PlannedRun], int]:
+def fuse_width(
+    fuse: int | None, runs: Sequence[PlannedRun] = (), *, device_kind: str = "cpu", memory_bytes: int | None = None
+) -> Callable[[PlannedRun], int]:
     """Runs per group, per variant: `fuse` (1: off), or for None (auto) what `harness.fusion`
-    chooses from the device kind and the model's memory estimate (builder models: 1)."""
+    chooses from the device kind, the model's memory estimate and `memory_bytes` (a worker's
+    share of its GPU; None: unknown) (builder models: 1)."""
     from harness.fusion import fuse_width as width_of
 
-    return lambda run: width_of(fuse, [run], device_kind=device_kind)
+    return lambda run: width_of(fuse, [run], device_kind=device_kind, memory_bytes=memory_bytes)
+
+
+def gpu_worker_memory_bytes(gpus: Sequence[Any], runs_per_gpu: int) -> int | None:
+    """A GPU worker's share of its device's memory (the smallest GPU's, as nvidia-smi lists it;
+    the share its backend is told, `backends.GPU_MEMORY_SHARE` / runs per GPU); None when no GPU
+    or a size unknown."""
+    from harness.backends import GPU_MEMORY_SHARE
+
+    sizes = [int(getattr(gpu, "memory_mib", 0) or 0) for gpu in gpus]
+    if not sizes or min(sizes) <= 0:
+        return None
+    return int(min(sizes) * 2**20 * GPU_MEMORY_SHARE / max(1, runs_per_gpu))
 
 
 def form_groups(runs: Sequence[PlannedRun], width: int | Callable[[PlannedRun], int]) -> list[tuple[PlannedRun, ...]]:
@@ -339,10 +354,12 @@ def run_sweep(
     clock: Callable[[], float] = time.monotonic,
     trace: list[tuple] | None = None,
     device_kind: str = "cpu",
+    memory_bytes: int | None = None,
 ) -> SweepOutcome:
     """Train every planned run the store does not hold yet with `executor`, storing each record
     as it arrives. Uses `options.rerun_failed/retries/timeout_s/fuse/lease_s`; `device_kind`
-    ("cpu" | "gpu") sizes the fused groups when `options.fuse` is None (auto).
+    ("cpu" | "gpu") and `memory_bytes` (a GPU worker's share of its memory) size the fused groups
+    when `options.fuse` is None (auto).
 
     `executor` defaults to training in this process with `options`' train function.
     `open_store` opens a second connection to the store for the lease heartbeat thread (a run
@@ -359,7 +376,7 @@ def run_sweep(
     )
     todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed))
     distinct = len({run.run_id for run in prepared.runs})
-    width = fuse_width(options.fuse, todo, device_kind=device_kind)
+    width = fuse_width(options.fuse, todo, device_kind=device_kind, memory_bytes=memory_bytes)
     if executor is None:
         executor = InlineExecutor(prepared.dataset, train=options.trainer.load())
     keeper = keeper or LeaseKeeper(lease_s=options.lease_s, clock=clock)
@@ -669,6 +686,7 @@ def execute_sweep(
                 store=store, executor=executor or InlineExecutor(prepared.dataset), options=options,
                 progress=progress, open_store=lambda: SQLiteStore(options.store, create=False), trace=trace,
                 device_kind="gpu" if machine.gpus else "cpu",
+                memory_bytes=gpu_worker_memory_bytes(machine.gpus, options.runs_per_gpu),
             )
             if spec.adaptive is not None:
                 outcome = run_adaptive(prepared, notify=say, **common)

@@ -41,6 +41,10 @@ _LOGGED = {"loss": LOSS_METRIC, "accuracy": "accuracy"}
 # device transfer per batch (MLP 64x5 on raw MNIST, 5 copies, batch 32: the host copies alone took
 # 2 s of each 5 s epoch under JAX on one core). Larger data sets are fed from host memory as before.
 DEVICE_INPUTS_MAX_BYTES = 2 * 2**30
+# After a group that held at least this much on the device, a full garbage collection (about
+# 0.2 s with Keras loaded): its models are reference cycles old enough to sit in the oldest
+# generation, which the worker's cheap release does not reach, and they hold the device copy.
+FULL_COLLECT_BYTES = 64 * 2**20
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -306,113 +310,130 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset) -> list[RunRecord]
     `RunRecord` per run, in the order given. Any exception fails every run of the group (each a
     FAILED record with the traceback), never a crash. A builder's model fuses like the
     vocabulary's unless it cannot (`builder_trains_alone`: then its runs train one after another
-    with `train.train_compiled_builder`)."""
-    from harness.models import copy_penalty, fed_by_rows
-    from harness.train import check_backend, fit_options, make_optimizer, prepared_inputs, release_memory
+    with `train.train_compiled_builder`). The group's models and the inputs it held on the device
+    are gone (the helper's frame) before the worker's memory is released for the next group."""
+    import gc
+
+    from harness.train import release_memory
 
     started_at = utcnow()
     start = time.perf_counter()
-    versions: dict[str, str] = {"harness": __version__}
-    device = ""
+    about: dict[str, Any] = {"versions": {"harness": __version__}, "device": "", "device_bytes": 0}
     try:
-        check_group(runs)
-        from harness.backends import adapter
-
-        backend = adapter()
-        for run in runs:
-            check_backend(run)
-        versions = backend.versions()
-        device = backend.device_label()
-        first = runs[0]
-        if first.deterministic:
-            backend.enable_determinism()
-        config, variant, n = first.variant.model, first.variant, len(runs)
-        built_copies = _build_copies(runs, dataset, backend)
-        if isinstance(built_copies, str):  # a builder's model that trains alone, and why
-            release_memory()
-            from harness.train import train_compiled_builder
-
-            return [train_compiled_builder(run, dataset, not_fused=built_copies) for run in runs]
-        model, copies, layout, images = built_copies
-        inputs = prepared_inputs(
-            dataset,
-            preprocess=config.preprocess,
-            images=images,
-            loss=config.loss,
-            validation_split=variant.validation_split,
-        )
-        options = fit_options(
-            batch_size=variant.batch_size,
-            n_fit=inputs.n_fit,
-            n_val=0 if inputs.x_val is None else len(inputs.x_val),
-            n_test=len(inputs.x_test),
-            # a fused step does the work of n copies: the per-execution FLOP cap counts them all
-            train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
-        )
-        optimizer = make_optimizer(config.optimizer)
-        on_device = inputs.x_fit.nbytes <= DEVICE_INPUTS_MAX_BYTES
-        trainer = fed_by_rows(copies, inputs.x_fit) if on_device else model
-        compile_fused(
-            trainer,
-            copies,
-            layout,
-            loss=config.loss,
-            optimizer=optimizer,
-            steps_per_execution=options.steps_per_execution,
-            builder=layout is None,
-        )
-        if on_device:  # the model fed arrays evaluates (validation and test); it never steps
-            compile_fused(model, copies, layout, loss=config.loss, optimizer="sgd", builder=layout is None)
-        penalties = [copy_penalty(copy, layout) for copy in copies]
-        built = time.perf_counter()
-
-        def epoch_data(epoch: int) -> tuple[list[Any], list[Any]]:
-            orders = [epoch_order(run.seed, epoch, inputs.n_fit) for run in runs]
-            ys = [_take(inputs.y_fit, o) for o in orders]
-            if on_device:
-                return [o.astype(np.int32) for o in orders], ys
-            return [_take(inputs.x_fit, o) for o in orders], ys
-
-        histories, diverged_at = fit_copies(
-            trainer,
-            n_copies=n,
-            epoch_data=epoch_data,
-            epochs=variant.epochs,
-            batch_size=variant.batch_size,
-            validation=inputs.validation,
-            eval_batch_size=options.validation_batch_size,
-            penalties=penalties,
-            eval_model=model,
-        )
-        trained = time.perf_counter()
-        tests = evaluate_copies(
-            model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.test_batch_size, penalties=penalties
-        )
-        finished = time.perf_counter()
-        params = int(copies[0].count_params())
-        results = [CopyResult(h, d, loss, acc) for h, (loss, acc), d in zip(histories, tests, diverged_at)]
-        share = {
-            "setup_s": (built - start) / n,
-            "train_s": (trained - built) / n,
-            "eval_s": (finished - trained) / n,
-            "wall_s": (finished - start) / n,
-        }
-        return [
-            copy_record(run, result, share=share, group_wall_s=finished - start, n=n, params=params, options=options,
-                    n_fit=inputs.n_fit, num_classes=dataset.num_classes, started_at=started_at, device=device,
-                    versions=versions)
-            for run, result in zip(runs, results)
-        ]
+        return _train_fused(runs, dataset, started_at=started_at, start=start, about=about)
     except Exception:  # noqa: BLE001 - failed runs are records, the sweep goes on
         error = traceback.format_exc()
         wall = (time.perf_counter() - start) / max(1, len(runs))
         return [
-            run.record(RunStatus.FAILED, started_at=started_at, timings={"wall_s": wall}, device=device,
-                       versions=versions, error=error, finished_at=utcnow())
+            run.record(RunStatus.FAILED, started_at=started_at, timings={"wall_s": wall}, device=about["device"],
+                       versions=about["versions"], error=error, finished_at=utcnow())
             for run in runs
         ]
     finally:
         release_memory()
+        if about["device_bytes"] >= FULL_COLLECT_BYTES:
+            gc.collect()
+
+
+def _train_fused(
+    runs: Sequence[PlannedRun], dataset: Dataset, *, started_at: str, start: float, about: dict[str, Any]
+) -> list[RunRecord]:
+    """The body of `train_group` (`about` receives the versions, the device and the bytes of
+    inputs held on it as soon as known)."""
+    from harness.models import copy_penalty, fed_by_rows
+    from harness.train import check_backend, fit_options, make_optimizer, prepared_inputs, release_memory
+
+    check_group(runs)
+    from harness.backends import adapter
+
+    backend = adapter()
+    for run in runs:
+        check_backend(run)
+    about["versions"] = backend.versions()
+    about["device"] = backend.device_label()
+    versions, device = about["versions"], about["device"]
+    first = runs[0]
+    if first.deterministic:
+        backend.enable_determinism()
+    config, variant, n = first.variant.model, first.variant, len(runs)
+    built_copies = _build_copies(runs, dataset, backend)
+    if isinstance(built_copies, str):  # a builder's model that trains alone, and why
+        release_memory()
+        from harness.train import train_compiled_builder
+
+        return [train_compiled_builder(run, dataset, not_fused=built_copies) for run in runs]
+    model, copies, layout, images = built_copies
+    inputs = prepared_inputs(
+        dataset,
+        preprocess=config.preprocess,
+        images=images,
+        loss=config.loss,
+        validation_split=variant.validation_split,
+    )
+    options = fit_options(
+        batch_size=variant.batch_size,
+        n_fit=inputs.n_fit,
+        n_val=0 if inputs.x_val is None else len(inputs.x_val),
+        n_test=len(inputs.x_test),
+        # a fused step does the work of n copies: the per-execution FLOP cap counts them all
+        train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
+    )
+    optimizer = make_optimizer(config.optimizer)
+    on_device = inputs.x_fit.nbytes <= DEVICE_INPUTS_MAX_BYTES
+    about["device_bytes"] = inputs.x_fit.nbytes if on_device else 0
+    trainer = fed_by_rows(copies, inputs.x_fit) if on_device else model
+    compile_fused(
+        trainer,
+        copies,
+        layout,
+        loss=config.loss,
+        optimizer=optimizer,
+        steps_per_execution=options.steps_per_execution,
+        builder=layout is None,
+    )
+    if on_device:  # the model fed arrays evaluates (validation and test); it never steps
+        compile_fused(model, copies, layout, loss=config.loss, optimizer="sgd", builder=layout is None,
+                      steps_per_execution=options.steps_per_execution)
+    penalties = [copy_penalty(copy, layout) for copy in copies]
+    built = time.perf_counter()
+
+    def epoch_data(epoch: int) -> tuple[list[Any], list[Any]]:
+        orders = [epoch_order(run.seed, epoch, inputs.n_fit) for run in runs]
+        ys = [_take(inputs.y_fit, o) for o in orders]
+        if on_device:
+            return [o.astype(np.int32) for o in orders], ys
+        return [_take(inputs.x_fit, o) for o in orders], ys
+
+    histories, diverged_at = fit_copies(
+        trainer,
+        n_copies=n,
+        epoch_data=epoch_data,
+        epochs=variant.epochs,
+        batch_size=variant.batch_size,
+        validation=inputs.validation,
+        eval_batch_size=options.validation_batch_size,
+        penalties=penalties,
+        eval_model=model,
+    )
+    trained = time.perf_counter()
+    tests = evaluate_copies(
+        model, n_copies=n, x=inputs.x_test, y=inputs.y_test, batch_size=options.test_batch_size, penalties=penalties
+    )
+    finished = time.perf_counter()
+    params = int(copies[0].count_params())
+    results = [CopyResult(h, d, loss, acc) for h, (loss, acc), d in zip(histories, tests, diverged_at)]
+    share = {
+        "setup_s": (built - start) / n,
+        "train_s": (trained - built) / n,
+        "eval_s": (finished - trained) / n,
+        "wall_s": (finished - start) / n,
+    }
+    return [
+        copy_record(run, result, share=share, group_wall_s=finished - start, n=n, params=params, options=options,
+                n_fit=inputs.n_fit, num_classes=dataset.num_classes, started_at=started_at, device=device,
+                versions=versions, inputs_on_device=on_device)
+        for run, result in zip(runs, results)
+    ]
 
 
 def copy_record(
@@ -429,10 +450,12 @@ def copy_record(
     started_at: str,
     device: str,
     versions: dict[str, str],
+    inputs_on_device: bool | None = None,
 ) -> RunRecord:
     """The `RunRecord` of one copy of a group: DIVERGED when its loss stopped being finite (its
     history ends at that epoch), else DONE (flagged near chance); timings are its share of the
-    group's (`group_wall_s`: the whole group's wall time)."""
+    group's (`group_wall_s`: the whole group's wall time); `metrics.fused` the group's width and
+    `metrics.inputs_on_device` whether its training inputs were held on the device."""
     from harness.train import trained_record
 
     return trained_record(
@@ -450,5 +473,5 @@ def copy_record(
         device=device,
         versions=versions,
         diverged=result.diverged_at is not None,
-        extra_metrics={"fused": n},
+        extra_metrics={"fused": n, **({} if inputs_on_device is None else {"inputs_on_device": inputs_on_device})},
     )

@@ -192,8 +192,10 @@ def fed_by_rows(copies: Sequence[Any], data: Any):
         """Rows of a fixed array by row number; no weight to train."""
 
         def __init__(self, array: Any, **kwargs: Any) -> None:
-            super().__init__(trainable=False, **kwargs)
-            self.rows = keras.Variable(array, trainable=False, name="rows")
+            # its own dtype: under a mixed-precision policy (a builder may set one) Keras would
+            # cast the whole array to the compute dtype at every step, not the rows taken
+            super().__init__(trainable=False, dtype=str(array.dtype), **kwargs)
+            self.rows = keras.Variable(array, trainable=False, name="rows", dtype=str(array.dtype))
 
         def call(self, index: Any) -> Any:
             return ops.take(self.rows, index, axis=0)

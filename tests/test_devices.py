@@ -114,6 +114,24 @@ def test_pin_to_cpus_pins_this_process_or_leaves_it() -> None:
 
 
 def _pinned(value: str):
+    """Pin this process to `value`; what it got and the mask of a thread started before."""
     import os
+    import threading
 
-    return pin_to_cpus(value), sorted(os.sched_getaffinity(0))
+    started, done = threading.Event(), threading.Event()
+    ids: list[int] = []
+
+    def wait() -> None:
+        ids.append(threading.get_native_id())
+        started.set()
+        done.wait()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    started.wait()
+    got = pin_to_cpus(value)
+    mine, earlier = sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(ids[0]))
+    done.set()
+    thread.join()
+    assert earlier == mine  # a thread already running is pinned with the process
+    return got, mine

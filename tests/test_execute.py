@@ -154,6 +154,28 @@ def test_groups_are_formed_from_pending_runs_of_one_variant(prepared, tmp_path: 
     assert outcome.skipped == 1 and outcome.trained == 5 and ("mlp_32", 1) not in trainer.calls
 
 
+def test_on_a_gpu_the_worker_memory_share_sizes_the_auto_groups(prepared, tmp_path: Path) -> None:
+    """Auto fusion on a (simulated) GPU: the groups are as wide as the worker's share of its GPU
+    holds by the model's estimate (the inputs once, the copies each), not the cap."""
+    from harness.devices import parse_nvidia_smi
+    from harness.execute import gpu_worker_memory_bytes
+    from harness.fusion import copy_memory_bytes, shared_memory_bytes
+
+    gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559\n1, NVIDIA H100 80GB HBM3, 40000\n")
+    assert gpu_worker_memory_bytes(gpus, 4) == int(40000 * 2**20 * 0.9 / 4)  # the smaller GPU, its share
+    assert gpu_worker_memory_bytes([], 1) is None
+    assert gpu_worker_memory_bytes(parse_nvidia_smi("0, some GPU, 0\n"), 1) is None  # size unknown
+    cnn = [r for r in prepared.runs if r.variant.name == "cnn_8"]
+    budget = shared_memory_bytes(cnn[0]) + 2 * copy_memory_bytes(cnn[0]) + 1
+    with SQLiteStore(tmp_path / "h.db") as store:
+        trace: list[tuple] = []
+        run_sweep(prepared, store=store, executor=inline(prepared, Trainer()), progress=quiet(), trace=trace,
+                  device_kind="gpu", memory_bytes=budget)
+    by_id = {r.run_id: r.variant.name for r in prepared.runs}
+    widths = sorted(len(e[2]) for e in kinds(trace, "submit") if by_id[e[2][0]] == "cnn_8")
+    assert widths == [1, 2]  # 3 seeds, at most 2 copies in the budget
+
+
 def test_groups_run_longest_first_and_one_backend_after_the_other(prepared) -> None:
     import dataclasses
 

@@ -263,7 +263,34 @@ def test_inputs_held_on_the_device_train_exactly_as_inputs_fed_from_the_host(
     on_device = train_on(backend, runs, prepared)
     from_host = train_on(backend, runs, prepared, {"DEVICE_INPUTS_MAX_BYTES": 0})
     assert [r.status for r in on_device + from_host] == [RunStatus.DONE] * 4, on_device[0].error
+    assert [r.metrics["inputs_on_device"] for r in on_device + from_host] == [True, True, False, False]
     for mine, theirs in zip(on_device, from_host):
         assert mine.history == theirs.history and set(mine.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
         assert (mine.test_accuracy, mine.metrics["test_loss"]) == (theirs.test_accuracy, theirs.metrics["test_loss"])
     assert on_device[0].history["loss"] != on_device[1].history["loss"]
+
+
+def test_a_group_leaves_no_device_copy_of_its_inputs_behind(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """The variable holding a group's inputs is gone when `train_group` returns (a worker trains
+    group after group; on a GPU two stale copies would crowd out the next group). Checked by hand:
+    without the full collection (FULL_COLLECT_BYTES above the inputs) it is still alive here."""
+    import weakref
+
+    import harness.fused
+    import harness.models
+
+    held = []
+    real = harness.models.fed_by_rows
+
+    def spy(copies, data):
+        model = real(copies, data)
+        held.append(weakref.ref(model.get_layer("inputs_on_device").rows))
+        return model
+
+    monkeypatch.setattr(harness.models, "fed_by_rows", spy)
+    monkeypatch.setattr(harness.fused, "FULL_COLLECT_BYTES", 0)  # the tiny inputs count as large
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2, train=300, test=100)))
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    records = harness.fused.train_group([r for r in prepared.runs if r.variant.name == "mlp_32"], prepared.dataset)
+    assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
+    assert len(held) == 1 and held[0]() is None
