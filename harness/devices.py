@@ -5,9 +5,10 @@ GPUs come from `nvidia-smi` (or `--gpus`); each worker process is pinned to one 
 `--runs-per-gpu`. On CPU the
 cores are packed as several single-thread workers: on the 2-core machine two 1-thread processes
 did the same MLP work 1.6x faster than one 2-thread process. When the CPU workers share out all
-of this process's cores, each is pinned to its own (`WorkerSlot.cpus`): a thread setting does not
-bind every library (XLA's CPU runtime runs independent parts of a fused JAX program on threads of
-its own, 1.5 cores for a "1-thread" worker), and an unpinned worker then slows its neighbour.
+of this process's cores and one of them runs JAX, each is pinned to its own (`WorkerSlot.cpus`,
+`pin_slots`): a thread setting does not bind XLA's CPU runtime (it runs independent parts of a
+fused JAX program on threads of its own, 1.5 cores for a "1-thread" worker), and unpinned it
+slows its neighbour.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from harness.errors import UserError
 
 WORKER_MEMORY_GIB = 2.0  # a TF worker with MNIST in memory stays well under this
 CPUS_ENV = "HARNESS_CPUS"  # the cores a worker pins itself to, e.g. "0" or "2,3"
+# Backends whose CPU runtime does not keep to the worker's thread setting (XLA runs independent
+# parts of a program on threads of its own). With one of them among a sweep's CPU workers, every
+# worker is pinned to its own cores (`pin_slots`): the notebooks sweep under `auto` took 474 s
+# unpinned, 446 s with only the JAX worker pinned, 411 s with both. Without one (TensorFlow keeps
+# to its setting) none is: pinned, TensorFlow lost about 6% on the CPU conv table (its Python
+# thread and its runtime's overlap when a second core is free).
+PINNED_BACKENDS = ("jax",)
+
+
+def pin_slots(slots: Sequence["WorkerSlot"]) -> list["WorkerSlot"]:
+    """`slots` as given when one of them runs a backend of `PINNED_BACKENDS`; else without cores."""
+    if any(slot.backend in PINNED_BACKENDS for slot in slots):
+        return list(slots)
+    return [dataclasses.replace(slot, cpus=()) for slot in slots]
 
 
 def allowed_cpus() -> tuple[int, ...]:

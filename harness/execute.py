@@ -556,7 +556,7 @@ def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
 def worker_slots(spec: SweepSpec, options: SweepOptions, machine: _Machine, pending: int) -> list:
     """Worker slots on this machine, shared out among the sweep's Keras backends."""
     from harness.backends import share_workers
-    from harness.devices import available_memory_gib, plan_workers
+    from harness.devices import available_memory_gib, pin_slots, plan_workers
 
     slots = plan_workers(
         gpus=machine.gpus, pending=pending, cpu_count=machine.cpu_count,
@@ -564,7 +564,7 @@ def worker_slots(spec: SweepSpec, options: SweepOptions, machine: _Machine, pend
         workers=options.workers, threads=options.threads, memory_gib=available_memory_gib(),
         backend=machine.first_backend, deterministic=spec.deterministic, cpus=machine.cpus,
     )
-    return [slot.for_backend(b) for slot, b in zip(slots, share_workers(machine.backends, len(slots)))]
+    return pin_slots([slot.for_backend(b) for slot, b in zip(slots, share_workers(machine.backends, len(slots)))])
 
 
 def _data_source(spec: SweepSpec, options: SweepOptions):

@@ -82,15 +82,22 @@ def test_long_lived_workers_train_every_run_once(prepared, log: Path, tmp_path: 
     assert outcome.executor_summary and "scheduler overhead per run" in outcome.executor_summary
 
 
-def test_cpu_workers_that_share_out_the_cores_are_each_pinned_to_their_own(prepared, log: Path, tmp_path: Path) -> None:
-    """Real worker processes on real cores: a worker whose slot names cores runs on them alone
+def test_cpu_workers_that_share_out_the_cores_are_each_pinned_to_their_own(
+    prepared, log: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """Real worker processes on real cores: a JAX worker whose slot names cores runs on them alone
     (the affinity a library's own threads inherit)."""
     import os
 
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs CPU affinity and two cores")
+    from harness.backends import backend_version
+
+    if backend_version("jax") is None:
+        pytest.skip('jax not installed (pip install -e ".[jax]")')
     cores = sorted(os.sched_getaffinity(0))[:2]
-    slots = plan_workers(gpus=[], pending=8, cpu_count=2, cpus=cores)
+    prepared = prepare_sweep(prepared.spec.with_overrides(keras_backend="jax"), data_dir=data_dir)  # fake runs
+    slots = plan_workers(gpus=[], pending=8, cpu_count=2, cpus=cores, backend="jax")  # fake runs: no Keras
     assert [s.cpus for s in slots] == [(cores[0],), (cores[1],)]
     with SQLiteStore(tmp_path / "h.db") as store:
         records = run_sweep(prepared, store=store, pool=pool_for(prepared, "ok", slots=slots)).records
