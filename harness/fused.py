@@ -180,8 +180,8 @@ def fit_copies(
         if validation is not None:
             x_val, y_val = validation
             scores = judge.evaluate(
-                [x_val] * n_copies if n_copies > 1 else x_val,
-                [y_val] * n_copies if n_copies > 1 else y_val,
+                _per_copy(x_val, n_copies),
+                _per_copy(y_val, n_copies),
                 batch_size=eval_batch_size or batch_size,
                 verbose=0,
                 return_dict=True,
@@ -200,6 +200,11 @@ def fit_copies(
     return histories, diverged
 
 
+def _per_copy(array: Any, n_copies: int) -> Any:
+    """The same array fed to every copy of a fused model (one input per copy; one copy: the array)."""
+    return [array] * n_copies if n_copies > 1 else array
+
+
 def _with_penalty(logs: dict[str, float], penalties: Sequence[Callable[[], float]] | None, index: int) -> dict[str, float]:
     """A copy's logs with its weight penalty added to its losses (a no-op without penalties)."""
     if not penalties:
@@ -212,8 +217,8 @@ def evaluate_copies(
     model: Any, *, n_copies: int, x: Any, y: Any, batch_size: int, penalties: Sequence[Callable[[], float]] | None = None
 ) -> list[tuple[float, float]]:
     """Each copy's (test loss, test accuracy) on the same arrays (its penalty in its loss)."""
-    logs = model.evaluate([x] * n_copies if n_copies > 1 else x, [y] * n_copies if n_copies > 1 else y,
-                          batch_size=batch_size, verbose=0, return_dict=True)
+    logs = model.evaluate(_per_copy(x, n_copies), _per_copy(y, n_copies), batch_size=batch_size, verbose=0,
+                          return_dict=True)
     out = []
     for index in range(n_copies):
         own = _with_penalty(_copy_logs(logs, index, n_copies), penalties, index)

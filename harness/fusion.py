@@ -26,13 +26,9 @@ GPU_MAX_WIDTH = 32
 CPU_MEMORY_BYTES = 4 * 2**30
 
 
-def _n_fit(run: PlannedRun) -> int:
-    return int(run.dataset.get("n_train", 0) * (1.0 - run.variant.validation_split))
-
-
 def input_bytes(run: PlannedRun) -> int:
     """The size of `run`'s training inputs as float32."""
-    return 4 * _n_fit(run) * math.prod(run.summary.input_shape or (0,))
+    return 4 * run.n_fit * math.prod(run.summary.input_shape or (0,))
 
 
 def inputs_on_device(run: PlannedRun) -> bool:
@@ -51,7 +47,7 @@ def copy_memory_bytes(run: PlannedRun) -> int:
     """Estimated memory one fused copy of `run` adds: its training state and activations, its own
     per-epoch permutation of the targets and, when the inputs are fed from the host, of them."""
     summary = run.summary
-    targets = 4 * _n_fit(run) * int(run.dataset.get("num_classes", 0) or 0)
+    targets = 4 * run.n_fit * int(run.dataset.get("num_classes", 0) or 0)
     own_inputs = 0 if inputs_on_device(run) else input_bytes(run)
     return summary.train_memory_bytes(batch_size=run.variant.batch_size) + targets + own_inputs
 

@@ -75,9 +75,13 @@ class PlannedRun:
         return record
 
     @property
+    def n_fit(self) -> int:
+        """Training examples after the validation split (as planned, from the dataset's size)."""
+        return int(self.dataset.get("n_train", 0) * (1.0 - self.variant.validation_split))
+
+    @property
     def estimated_train_flops(self) -> int:
-        n_fit = int(self.dataset["n_train"] * (1.0 - self.variant.validation_split))
-        return self.summary.train_flops(examples=n_fit, epochs=self.variant.epochs)
+        return self.summary.train_flops(examples=self.n_fit, epochs=self.variant.epochs)
 
 
 def run_id_for(
