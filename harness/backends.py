@@ -268,6 +268,11 @@ class Adapter:
     def enable_determinism(self) -> None:
         """Make ops deterministic (slower); seeding itself is `keras.utils.set_random_seed`."""
 
+    def optimizer(self, optimizer: Any) -> Any:
+        """The optimizer a run trains with: `optimizer`, or one that computes the same bits faster
+        on this backend (TensorFlow: `harness.tf_update`)."""
+        return optimizer
+
     def seed(self, seed: int) -> None:
         import keras
 
@@ -375,6 +380,11 @@ class TensorFlowAdapter(Adapter):
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+
+    def optimizer(self, optimizer: Any) -> Any:
+        from harness.tf_update import flat_optimizer
+
+        return flat_optimizer(optimizer)
 
     def gpu_names(self) -> list[str]:
         import tensorflow as tf

@@ -41,6 +41,12 @@ _LOGGED = {"loss": LOSS_METRIC, "accuracy": "accuracy"}
 # device transfer per batch (MLP 64x5 on raw MNIST, 5 copies, batch 32: the host copies alone took
 # 2 s of each 5 s epoch under JAX on one core). Larger data sets are fed from host memory as before.
 DEVICE_INPUTS_MAX_BYTES = 2 * 2**30
+# A vocabulary group's optimizer updates all its variables in one compiled call where that gives
+# Keras' own bits (`train.make_optimizer`, `harness.tf_update`: TensorFlow and Adam). Measured
+# one group at a time on one core, one epoch (benchmarks/bench_flat_update.py): training 1.3-1.7x
+# faster for the notebooks' small MLPs, 1.02-1.25x for their larger MLPs and CNN, the same bits.
+# False: Keras' own update everywhere (for benchmarks). A builder's model always keeps Keras' own.
+FLAT_UPDATE = True
 # After a group that held at least this much on the device, a full garbage collection (about
 # 0.2 s with Keras loaded): its models are reference cycles old enough to sit in the oldest
 # generation, which the worker's cheap release does not reach, and they hold the device copy.
@@ -383,7 +389,7 @@ def _train_fused(
         # a fused step does the work of n copies: the per-execution FLOP cap counts them all
         train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
     )
-    optimizer = make_optimizer(config.optimizer)
+    optimizer = make_optimizer(config.optimizer, flat_update=FLAT_UPDATE and layout is not None)
     on_device = inputs.x_fit.nbytes <= DEVICE_INPUTS_MAX_BYTES
     about["device_bytes"] = inputs.x_fit.nbytes if on_device else 0
     trainer = fed_by_rows(copies, inputs.x_fit) if on_device else model
@@ -436,7 +442,8 @@ def _train_fused(
     return [
         copy_record(run, result, share=share, group_wall_s=finished - start, n=n, params=params, options=options,
                 n_fit=inputs.n_fit, num_classes=dataset.num_classes, started_at=started_at, device=device,
-                versions=versions, inputs_on_device=on_device)
+                versions=versions, inputs_on_device=on_device,
+                flat_update=bool(getattr(optimizer, "flat_update", False)))
         for run, result in zip(runs, results)
     ]
 
@@ -456,11 +463,14 @@ def copy_record(
     device: str,
     versions: dict[str, str],
     inputs_on_device: bool | None = None,
+    flat_update: bool | None = None,
 ) -> RunRecord:
     """The `RunRecord` of one copy of a group: DIVERGED when its loss stopped being finite (its
     history ends at that epoch), else DONE (flagged near chance); timings are its share of the
     group's (`group_wall_s`: the whole group's wall time); `metrics.fused` the group's width and
-    `metrics.inputs_on_device` whether its training inputs were held on the device."""
+    `metrics.inputs_on_device` whether its training inputs were held on the device,
+    `metrics.flat_update` whether its optimizer updated all variables in one compiled call
+    (`harness.tf_update`; the same bits as Keras' own update)."""
     from harness.train import trained_record
 
     return trained_record(
@@ -478,5 +488,9 @@ def copy_record(
         device=device,
         versions=versions,
         diverged=result.diverged_at is not None,
-        extra_metrics={"fused": n, **({} if inputs_on_device is None else {"inputs_on_device": inputs_on_device})},
+        extra_metrics={
+            "fused": n,
+            **({} if inputs_on_device is None else {"inputs_on_device": inputs_on_device}),
+            **({} if flat_update is None else {"flat_update": flat_update}),
+        },
     )

@@ -43,13 +43,21 @@ def shared_memory_bytes(run: PlannedRun) -> int:
     return input_bytes(run) if inputs_on_device(run) else 0
 
 
+# TensorFlow's flat optimizer update (`harness.tf_update`) holds three more copies of a group's
+# parameters while it steps: the flat vector, the flat gradient and the parts split back (counted
+# for every TensorFlow run: an upper bound where the optimizer keeps Keras' own update).
+FLAT_UPDATE_PARAMETER_COPIES = 3
+
+
 def copy_memory_bytes(run: PlannedRun) -> int:
     """Estimated memory one fused copy of `run` adds: its training state and activations, its own
-    per-epoch permutation of the targets and, when the inputs are fed from the host, of them."""
+    per-epoch permutation of the targets and, when the inputs are fed from the host, of them; on
+    TensorFlow, the flat optimizer update's copies of its parameters."""
     summary = run.summary
     targets = 4 * run.n_fit * int(run.dataset.get("num_classes", 0) or 0)
     own_inputs = 0 if inputs_on_device(run) else input_bytes(run)
-    return summary.train_memory_bytes(batch_size=run.variant.batch_size) + targets + own_inputs
+    flat_update = 4 * FLAT_UPDATE_PARAMETER_COPIES * summary.params if run.backend.backend == "tensorflow" else 0
+    return summary.train_memory_bytes(batch_size=run.variant.batch_size) + targets + own_inputs + flat_update
 
 
 def fusable(run: PlannedRun) -> bool:

@@ -36,17 +36,25 @@ def warm_up() -> None:
     adapter()
 
 
-def make_optimizer(spec: Optimizer):
+def make_optimizer(spec: Optimizer, *, flat_update: bool = False):
+    """The Keras optimizer of `spec`. With `flat_update`, in the form that computes the same bits
+    fastest on this backend (`Adapter.optimizer`; TensorFlow: one compiled update of all variables,
+    `harness.tf_update`): only for the harness's own models, whose every trainable variable gets a
+    gradient at every step (a user's model may hold one that does not, which Keras skips)."""
     import keras
+
+    from harness.backends import adapter
 
     kwargs: dict[str, Any] = {}
     if spec.learning_rate is not None:
         kwargs["learning_rate"] = spec.learning_rate
     if spec.name == "adam":
-        return keras.optimizers.Adam(**kwargs)
-    if spec.name == "rmsprop":
-        return keras.optimizers.RMSprop(momentum=spec.momentum, **kwargs)
-    return keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **kwargs)
+        optimizer = keras.optimizers.Adam(**kwargs)
+    elif spec.name == "rmsprop":
+        optimizer = keras.optimizers.RMSprop(momentum=spec.momentum, **kwargs)
+    else:
+        optimizer = keras.optimizers.SGD(momentum=spec.momentum, nesterov=spec.nesterov, **kwargs)
+    return adapter().optimizer(optimizer) if flat_update else optimizer
 
 
 def library_versions() -> dict[str, str]:

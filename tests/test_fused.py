@@ -270,6 +270,23 @@ def test_inputs_held_on_the_device_train_exactly_as_inputs_fed_from_the_host(
     assert on_device[0].history["loss"] != on_device[1].history["loss"]
 
 
+def test_a_group_trained_with_the_flat_update_ends_with_keras_own_bits(tmp_path: Path, data_dir: Path, train_on) -> None:
+    """TensorFlow: a group's records with the flat compiled optimizer update (the default,
+    `harness.tf_update`) equal those of Keras' own update to the last bit (batch norm, dropout,
+    penalties, rows held on the device), and each record says which update it had."""
+    spec = load_sweep(write_sweep(tmp_path / "rows.yaml", ON_DEVICE_SWEEP))
+    prepared = prepare_sweep(spec.with_overrides(keras_backend="tensorflow"), data_dir=data_dir)
+    runs = list(prepared.runs)
+    flat = train_on("tensorflow", runs, prepared)
+    own = train_on("tensorflow", runs, prepared, {"FLAT_UPDATE": False})
+    assert [r.status for r in flat + own] == [RunStatus.DONE] * 4, flat[0].error
+    assert [r.metrics["flat_update"] for r in flat + own] == [True, True, False, False]
+    for mine, theirs in zip(flat, own):
+        assert mine.history == theirs.history
+        assert (mine.test_accuracy, mine.metrics["test_loss"]) == (theirs.test_accuracy, theirs.metrics["test_loss"])
+    assert flat[0].history["loss"] != flat[1].history["loss"]
+
+
 def test_a_group_leaves_no_device_copy_of_its_inputs_behind(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
     """The variable holding a group's inputs is gone when `train_group` returns (a worker trains
     group after group; on a GPU two stale copies would crowd out the next group). Checked by hand:

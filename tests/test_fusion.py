@@ -45,6 +45,19 @@ def test_inputs_too_large_for_the_device_count_per_copy(tmp_path: Path, data_dir
     assert copy_memory_bytes(runs[0]) == on_device + 4 * 900 * 784  # each copy's own permuted inputs
 
 
+def test_tensorflow_copies_count_the_flat_update(tmp_path: Path, data_dir: Path) -> None:
+    """On TensorFlow each copy also holds the flat optimizer update's three copies of its
+    parameters (`harness.tf_update`); JAX has no such update."""
+    import dataclasses
+
+    from harness.backends import BackendChoice
+
+    run = _runs(tmp_path, data_dir)[0]
+    tensorflow = dataclasses.replace(run, backend=BackendChoice("tensorflow", "2", "tensorflow"))
+    jax = dataclasses.replace(run, backend=BackendChoice("jax", "0.1", "jax"))
+    assert copy_memory_bytes(tensorflow) - copy_memory_bytes(jax) == 3 * 4 * run.summary.params
+
+
 def test_builder_models_fuse_only_when_forced(tmp_path: Path, data_dir: Path) -> None:
     """Whether a builder's model can fuse, and its memory, are known only when a worker builds it:
     auto keeps its seeds on separate workers; `--fuse K` groups them."""

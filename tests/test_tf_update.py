@@ -1,0 +1,189 @@
+"""The flat compiled optimizer update on TensorFlow (`harness.tf_update`): the same bits as Keras'
+own update, used only where a check in the process shows it, and recorded on every run.
+
+Each check runs in a fresh TensorFlow process (XLA reads its flags once per process, and the
+pytest process may have started XLA already)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.backends import worker_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("tensorflow")
+
+
+def _run(script: str, *, extra_env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("XLA_FLAGS", None)
+    env.update(extra_env or {})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+TRAIN_BOTH_WAYS = """
+    import json, os
+    import numpy as np
+    import keras
+    from harness import tf_update
+
+    def model():
+        keras.utils.set_random_seed(7)
+        inputs = keras.Input((12,))
+        h = keras.layers.Dense(9, activation="relu", kernel_regularizer=keras.regularizers.l2(1e-3))(inputs)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.Dropout(0.3)(h)
+        h = keras.layers.Dense(7, activation="relu")(h)
+        return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((96, 12)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 96)]
+    out = {}
+    for name, make in [
+        ("adam", lambda: keras.optimizers.Adam(learning_rate=0.01)),
+        ("sgd_nesterov", lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, nesterov=True)),
+        ("sgd", lambda: keras.optimizers.SGD(learning_rate=0.05)),
+    ]:
+        weights, kinds = [], []
+        for flat in (False, True):
+            optimizer = tf_update.flat_optimizer(make()) if flat else make()
+            kinds.append(type(optimizer).__name__)
+            m = model()
+            m.compile(optimizer=optimizer, loss="categorical_crossentropy", steps_per_execution=4)
+            m.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+            weights.append(m.get_weights())
+        out[name] = {
+            "kinds": kinds,
+            "equal": all(np.array_equal(a, b) for a, b in zip(*weights)),
+            "moved": not all(np.array_equal(a, b) for a, b in zip(weights[0], model().get_weights())),
+        }
+    out["xla_flags_after"] = os.environ.get("XLA_FLAGS")
+    print(json.dumps(out))
+"""
+
+
+def test_the_flat_update_trains_to_the_same_bits_as_keras_own() -> None:
+    out = _run(TRAIN_BOTH_WAYS)
+    assert out["adam"]["kinds"] == ["Adam", "FlatAdam"]  # the check passed: the flat update was used
+    assert out["adam"]["moved"]  # training changed the weights: the comparison means something
+    assert out["adam"]["equal"]  # batch norm, dropout and l2 included
+    for name in ("sgd_nesterov", "sgd"):  # not flattened: Keras' own update, trivially the same bits
+        assert out[name]["kinds"] == ["SGD", "SGD"] and out[name]["equal"], name
+    assert out["xla_flags_after"] is None  # the flag was set only while XLA read it
+
+
+def _has_fma() -> bool:
+    try:
+        return " fma " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_fma(), reason="the CPU has no fused multiply-add: XLA cannot round differently")
+def test_an_xla_started_with_other_flags_keeps_keras_own_update() -> None:
+    # XLA read its flags before the check (here: FMA allowed, so it contracts a * b + c and rounds
+    # once): the check sees other bits and Keras' own update is kept.
+    out = _run(
+        """
+        import json, os
+        import tensorflow as tf
+        import keras
+        from harness import tf_update
+
+        os.environ["XLA_FLAGS"] = "--xla_cpu_max_isa=AVX2"
+        tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True)(tf.constant([1.0]))
+        print(json.dumps({"adam": type(tf_update.flat_optimizer(keras.optimizers.Adam())).__name__}))
+        """
+    )
+    assert out == {"adam": "Adam"}
+
+
+CHOICES = """
+    import json, keras
+    import tensorflow as tf
+    from harness import tf_update
+
+    out = {}
+    # The global seed: a run's is set before its models are built, its optimizer made after them.
+    keras.utils.set_random_seed(5)
+    keras.random.uniform((3,))
+    expected = keras.random.uniform((3,)).numpy().tolist()
+    keras.utils.set_random_seed(5)
+    keras.random.uniform((3,))
+    adam = tf_update.flat_optimizer(keras.optimizers.Adam())
+    out["seed_kept"] = keras.random.uniform((3,)).numpy().tolist() == expected
+
+    class MyAdam(keras.optimizers.Adam):
+        pass
+
+    built = keras.optimizers.Adam()
+    built.build([keras.Variable([1.0, 2.0])])
+    candidates = {
+        "rmsprop": keras.optimizers.RMSprop(momentum=0.9),
+        "sgd": keras.optimizers.SGD(momentum=0.9),
+        "subclass": MyAdam(),
+        "built": built,
+        "adam": keras.optimizers.Adam(learning_rate=0.003),
+    }
+    out["kinds"] = {k: type(tf_update.flat_optimizer(v)).__name__ for k, v in candidates.items()}
+
+    a, b = keras.Variable([1.0, 2.0]), keras.Variable([3.0])
+    adam.apply([tf.constant([0.1, 0.2]), tf.constant([0.3])], [a, b])
+    try:
+        adam.apply([tf.constant([0.1, 0.2]), None], [a, b])
+        out["skip_error"] = ""
+    except ValueError as exc:
+        out["skip_error"] = str(exc)
+    out["adam"] = type(adam).__name__
+    print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def choices() -> dict:
+    """One TensorFlow process for the checks below, with a user's `XLA_FLAGS` holding a flag that
+    TensorFlow's XLA does not know (it would abort the process at its first compilation)."""
+    return _run(CHOICES, extra_env={"XLA_FLAGS": "--xla_no_such_flag_anywhere=1"})
+
+
+def test_a_users_xla_flags_do_not_reach_the_check(choices: dict) -> None:
+    assert choices["adam"] == "FlatAdam"
+
+
+def test_the_check_leaves_the_global_seed_alone(choices: dict) -> None:
+    assert choices["seed_kept"]
+
+
+def test_only_checked_optimizers_and_fresh_ones_are_flattened(choices: dict) -> None:
+    assert choices["kinds"] == {"rmsprop": "RMSprop", "sgd": "SGD", "subclass": "MyAdam", "built": "Adam", "adam": "FlatAdam"}
+
+
+def test_a_flat_update_refuses_a_step_that_skips_a_variable(choices: dict) -> None:
+    # Keras drops a variable without a gradient; the flat layout would then be wrong, so it stops.
+    assert "needs a gradient for every trainable variable" in choices["skip_error"]
+
+
+def test_the_flag_context_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.tf_update import XLA_CPU_FLAG, xla_cpu_flag
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with xla_cpu_flag():
+        assert os.environ["XLA_FLAGS"] == XLA_CPU_FLAG
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # a user's, for JAX
+    with xla_cpu_flag():
+        assert os.environ["XLA_FLAGS"] == XLA_CPU_FLAG
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
