@@ -7,6 +7,11 @@ squares to the runs finished on that device. Small-batch runs are step-bound and
 FLOP-bound, so neither alone predicts both (a FLOPs-only ETA said 2 minutes where 10 remained).
 Before enough runs have finished, a prior (per-step and FLOP-rate guesses) is scaled to the
 runs seen so far; before any, the prior itself is used.
+
+A group still training that has reported how far it is (`harness.heartbeat`: the fraction of its
+epochs done) is predicted from its own pace instead (`extrapolate`), and that prediction also
+stands in for a finished run when the model of the runs not started yet is fitted: the first
+estimate comes after the first epoch of the first group, not after the first run ends.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
 # 0:00:00 (seen on a fused group of seed 000's 256x4 network, predicted from the 32x4 group).
 OVERDUE_FACTOR = 1.0
 OVERDUE_GRACE_S = 2.0
+# A group predicted from its own pace is overdue only 10% past it: its last epoch and the test
+# evaluation come after its last report.
+EXTRAPOLATED_SLACK = 1.1
+# The cost model's features are chosen on at most this many distinct run costs (the latest).
+SELECTION_POINTS = 48
+# Runs not started are predicted from fewer than this many distinct costs (finished or paced):
+# the estimate is shown as rough (`~`).
+ROUGH_BELOW = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +51,44 @@ def run_cost(*, n_train: int, validation_split: float, batch_size: int, epochs: 
     return RunCost(steps=math.ceil(n_fit / batch_size) * epochs, flops=int(train_flops))
 
 
+def extrapolate(reports: Sequence[tuple[float, float]]) -> float | None:
+    """A training group's expected total seconds from its progress reports, (seconds since it
+    started, fraction of its epochs done), oldest first: from the pace between its first and
+    latest report, which leaves out building, compiling and the first epoch's tracing. None
+    before two reports (the time to a first one holds the setup: scaled up, it once predicted 35
+    minutes for a 10-minute sweep) unless that one says the training is done."""
+    usable = [(age, done) for age, done in reports if done > 0 and age > 0 and math.isfinite(age) and math.isfinite(done)]
+    if not usable:
+        return None
+    first_age, first_done = usable[0]
+    age, done = usable[-1]
+    if done >= 1.0:
+        return age  # trained: what is left (the test evaluation) is small
+    if done > first_done and age > first_age:
+        return age + (1.0 - done) * (age - first_age) / (done - first_done)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """A run being trained: where, its cost, how long its device has been at it, and, when its
+    group reported progress, the group's extrapolated total seconds (`paced_total_s`, the same
+    for each of its runs) and how many runs the group started with (`group_size`)."""
+
+    device: str
+    cost: RunCost
+    age_s: float
+    paced_total_s: float | None = None
+    group_size: int = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     intercept_s: float
     step_s: float
     flop_s: float
     source: str  # "prior", "scaled prior (n runs)" or "fit (n runs)"
+    distinct: int = 0  # distinct run costs it was fitted to (runs of one fused group share one)
 
     def predict(self, cost: RunCost) -> float:
         return self.intercept_s + self.step_s * cost.steps + self.flop_s * cost.flops
@@ -76,39 +121,80 @@ def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float] | None:
 
 
 def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: CostModel = PRIOR) -> CostModel:
-    """The model of one device from its finished runs' (cost, seconds). With fewer points than a
-    subset of (intercept, steps, FLOPs) needs to be over-determined, or no non-negative fit, the
-    prior scaled by the observed total time over the prior's total (`scaled prior`)."""
+    """The model of one device from its finished runs' (cost, seconds).
+
+    Candidates: the prior scaled by the observed total time over the prior's total (`scaled
+    prior`), and a non-negative least-squares fit of each subset of (intercept, steps, FLOPs).
+    The one chosen predicts each distinct cost best from the others (leave-one-out, squared log
+    ratio: an ETA sums runs of very different lengths; the latest `SELECTION_POINTS` costs) and is
+    fitted to one point per distinct cost (its mean time); ties go to the simpler. Runs of one
+    fused group share one cost, so repeats count once: five finished runs of one group say how
+    fast this device is, not how time grows with steps and FLOPs (a fit to them alone once said
+    every run takes as long as these). Few distinct costs leave the scaled prior."""
     obs = [(c, s) for c, s in observations if s > 0 and math.isfinite(s)]
     if not obs:
         return prior
-    columns = {
-        "intercept_s": [1.0] * len(obs),
-        "step_s": [float(c.steps) for c, _ in obs],
-        "flop_s": [float(c.flops) for c, _ in obs],
-    }
-    ys = [s for _, s in obs]
-    best: tuple[float, dict[str, float]] | None = None
-    for size in (3, 2, 1):
+    by_cost: dict[RunCost, list[float]] = {}
+    for cost, seconds in obs:
+        by_cost.setdefault(cost, []).append(seconds)
+    points = [(cost, sum(times) / len(times)) for cost, times in by_cost.items()]
+    chooser = points[-SELECTION_POINTS:]  # leave-one-out is quadratic: the latest costs choose
+    best: tuple[float, tuple[str, ...] | None] = (_loo_error(None, chooser, prior), None)
+    for size in (1, 2, 3):
         for subset in itertools.combinations(_FEATURES, size):
-            if len(obs) < size + 2:  # two spare points: no fit through noise
+            if len(chooser) < size + 1:  # one spare point: something to predict
                 continue
-            rows = [[columns[name][i] for name in subset] for i in range(len(obs))]
-            coefs = _lstsq(rows, ys)
-            if coefs is None or any(c < 0 for c in coefs):
-                continue
-            residual = sum((sum(c * x for c, x in zip(coefs, row)) - y) ** 2 for row, y in zip(rows, ys))
-            if best is None or residual < best[0] * (1 - 1e-9):
-                best = (residual, dict(zip(subset, coefs)))
-        if best is not None:
-            break  # the largest subset that fits non-negatively
-    if best is not None:
-        values = {name: best[1].get(name, 0.0) for name in _FEATURES}
-        return CostModel(**values, source=f"fit ({len(obs)} runs)")
-    factor = sum(ys) / sum(prior.predict(c) for c, _ in obs)
+            error = _loo_error(subset, chooser, prior)
+            if error < best[0] * (1 - 1e-9) - 1e-12:
+                best = (error, subset)
+    if best[1] is not None:
+        coefs = _fit_subset(best[1], points)
+        if coefs is not None:
+            values = {name: coefs.get(name, 0.0) for name in _FEATURES}
+            return CostModel(**values, source=f"fit ({len(obs)} runs)", distinct=len(points))
+    return _scaled_prior(points, prior, distinct=len(points), runs=len(obs))
+
+
+def _scaled_prior(
+    obs: Sequence[tuple[RunCost, float]], prior: CostModel, *, distinct: int, runs: int | None = None
+) -> CostModel:
+    factor = sum(s for _, s in obs) / sum(prior.predict(c) for c, _ in obs)
     return CostModel(
-        prior.intercept_s * factor, prior.step_s * factor, prior.flop_s * factor, source=f"scaled prior ({len(obs)} runs)"
+        prior.intercept_s * factor, prior.step_s * factor, prior.flop_s * factor,
+        source=f"scaled prior ({len(obs) if runs is None else runs} runs)", distinct=distinct,
     )
+
+
+def _fit_subset(subset: tuple[str, ...], obs: Sequence[tuple[RunCost, float]]) -> dict[str, float] | None:
+    """Least squares of time on the `subset` features; None when singular or a coefficient is negative."""
+    columns = {"intercept_s": lambda c: 1.0, "step_s": lambda c: float(c.steps), "flop_s": lambda c: float(c.flops)}
+    rows = [[columns[name](c) for name in subset] for c, _ in obs]
+    coefs = _lstsq(rows, [s for _, s in obs])
+    if coefs is None or any(c < 0 for c in coefs):
+        return None
+    return dict(zip(subset, coefs))
+
+
+def _loo_error(subset: tuple[str, ...] | None, points: Sequence[tuple[RunCost, float]], prior: CostModel) -> float:
+    """Mean squared log ratio of each point's prediction from the others (`subset` None: the
+    scaled prior); infinite when a fold cannot be fitted. One point: nothing to test, 0."""
+    if len(points) < 2:
+        return 0.0
+    total = 0.0
+    for index, (cost, seconds) in enumerate(points):
+        others = [p for i, p in enumerate(points) if i != index]
+        if subset is None:
+            predicted = _scaled_prior(others, prior, distinct=0).predict(cost)
+        else:
+            coefs = _fit_subset(subset, others)
+            if coefs is None:
+                return math.inf
+            predicted = sum(coefs.get(name, 0.0) * value for name, value in
+                            (("intercept_s", 1.0), ("step_s", cost.steps), ("flop_s", cost.flops)))
+        if predicted <= 0:
+            return math.inf
+        total += math.log(predicted / seconds) ** 2
+    return total / len(points)
 
 
 class CostTracker:
@@ -117,11 +203,13 @@ class CostTracker:
     def __init__(self, prior: CostModel = PRIOR) -> None:
         self.prior = prior
         self._seen: dict[str, list[tuple[RunCost, float]]] = {}
-        self._models: dict[str, CostModel] = {}
+        self._models: dict[str | None, CostModel] = {}
+        self._paced: tuple[tuple, CostModel] | None = None  # the pooled model with paces, and its key
 
     def observe(self, device: str, cost: RunCost, seconds: float) -> None:
         self._seen.setdefault(device, []).append((cost, seconds))
         self._models.pop(device, None)
+        self._models.pop(None, None)  # the pooled model holds every device's runs
 
     def model(self, device: str | None = None) -> CostModel:
         """The device's model; `None`: one fitted to every device's runs (for runs not started)."""
@@ -133,22 +221,51 @@ class CostTracker:
             self._models[key] = fit_cost_model(obs, prior=self.prior)  # type: ignore[index]
         return self._models[key]  # type: ignore[index]
 
-    def eta_s(
-        self, *, pending: Iterable[RunCost], running: Iterable[tuple[str, RunCost, float]], slots: int
-    ) -> float | None:
+    def eta_s(self, *, pending: Iterable[RunCost], running: Iterable[Running], slots: int) -> float | None:
+        return self.estimate(pending=pending, running=running, slots=slots).seconds
+
+    def estimate(self, *, pending: Iterable[RunCost], running: Iterable[Running], slots: int) -> "Estimate":
         """Seconds until every run is done: what each busy device still needs (the predictions of
-        the runs it trains, fused or not, less how long it has been at them) and the pending
-        runs' predictions, shared by `slots` parallel workers; at least the busiest device's.
+        the runs it trains, fused or not, from their group's own pace where it reported one, less
+        how long it has been at them) and the pending runs' predictions, shared by `slots`
+        parallel workers; at least the busiest device's. The pending runs' model is fitted to the
+        finished runs and to the extrapolated totals of the runs still training.
         None (unknown) while a device has been at its runs for more than `OVERDUE_FACTOR` times
-        their prediction plus `OVERDUE_GRACE_S`: the model is wrong for it, and a count-down
-        stuck at zero (or a made-up remainder) would say otherwise."""
-        pending_s = sum(self.model(None).predict(c) for c in pending)
-        busy: dict[str, tuple[float, float]] = {}
-        for device, cost, age in running:
-            predicted, oldest = busy.get(device, (0.0, 0.0))
-            busy[device] = (predicted + self.model(device).predict(cost), max(oldest, age))
-        if any(age > OVERDUE_FACTOR * predicted + OVERDUE_GRACE_S for predicted, age in busy.values()):
-            return None
-        left = [max(0.0, predicted - age) for predicted, age in busy.values()]
+        their prediction plus `OVERDUE_GRACE_S` (`EXTRAPOLATED_SLACK` for a pace): the model is
+        wrong for it, and a count-down stuck at zero (or a made-up remainder) would say otherwise."""
+        running, pending = list(running), list(pending)
+        provisional = [(r.cost, r.paced_total_s / max(1, r.group_size)) for r in running if r.paced_total_s is not None]
+        pooled = self.model(None)
+        if provisional:
+            key = (sum(len(v) for v in self._seen.values()), tuple(provisional))
+            if self._paced is None or self._paced[0] != key:  # paces change at most once a second
+                seen = [o for observed in self._seen.values() for o in observed]
+                self._paced = (key, fit_cost_model(seen + provisional, prior=self.prior))
+            pooled = self._paced[1]
+        pending_s = sum(pooled.predict(c) for c in pending)
+        # per device: the predictions of its runs without a pace (a fused group's add up), or
+        # its paced group's total (whichever of its runs are still to be recorded)
+        busy: dict[str, tuple[float, float, bool]] = {}
+        for r in running:
+            predicted, oldest, paced = busy.get(r.device, (0.0, 0.0, False))
+            if r.paced_total_s is not None:
+                predicted, paced = (predicted if paced else 0.0), True
+                predicted = max(predicted, r.paced_total_s)
+            elif not paced:
+                predicted += self.model(r.device).predict(r.cost)
+            busy[r.device] = (predicted, max(oldest, r.age_s), paced)
+        for predicted, age, paced in busy.values():
+            if age > (EXTRAPOLATED_SLACK if paced else OVERDUE_FACTOR) * predicted + OVERDUE_GRACE_S:
+                return Estimate(None, rough=True)
+        left = [max(0.0, predicted - age) for predicted, age, _paced in busy.values()]
         total = (pending_s + sum(left)) / max(1, slots)
-        return max(total, max(left, default=0.0))
+        return Estimate(max(total, max(left, default=0.0)), rough=bool(pending) and pooled.distinct < ROUGH_BELOW)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Seconds left (None: unknown) and whether the runs not started are predicted from fewer
+    than `ROUGH_BELOW` distinct run costs (`rough`, shown as `~`)."""
+
+    seconds: float | None
+    rough: bool

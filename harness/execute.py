@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from harness.executor import (
     Executor,
     ExecutorEvent,
     GroupLost,
+    GroupProgress,
     GroupStarted,
     InlineExecutor,
     RecordsReturned,
@@ -43,9 +45,21 @@ from harness.plan import PlannedRun
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
 from harness.store import DEFAULT_STORE, ResultStore
-from harness.sweep import PreparedSweep, Progress, expected_seconds, order_longest_first, pending_runs, sweep_info
+from harness.sweep import (
+    Expectation,
+    PreparedSweep,
+    Progress,
+    expected_seconds,
+    finished_runs,
+    order_longest_first,
+    pending_runs,
+    sweep_info,
+)
 
 POLL_S = 0.25
+# Group ids are unique in this process, not only in one dispatcher: an executor outlives a round
+# of adaptive seeds, and a late message of an old group must not pass for a new one's.
+_GROUP_IDS = itertools.count(1)
 
 
 class ExecutorKind(enum.Enum):
@@ -163,12 +177,15 @@ def form_groups(runs: Sequence[PlannedRun], width: int | Callable[[PlannedRun], 
     return groups
 
 
-def order_groups(groups: Sequence[tuple[PlannedRun, ...]]) -> list[tuple[PlannedRun, ...]]:
-    """Longest first (`sweep.expected_seconds`: steps and FLOPs), the backend with the most runs
-    first, so workers rarely restart for another Keras backend and no long group starts last."""
+def order_groups(
+    groups: Sequence[tuple[PlannedRun, ...]], known: Expectation | None = None
+) -> list[tuple[PlannedRun, ...]]:
+    """Longest first (`sweep.expected_seconds`: steps and FLOPs, or what `known` says from the
+    store's runs finished here), the backend with the most runs first, so workers rarely restart for another Keras
+    backend and no long group starts last."""
     per_backend = collections.Counter(backend_of(g[0]) for g in groups for _ in g)
     rank = {b: i for i, (b, _n) in enumerate(sorted(per_backend.items(), key=lambda item: (-item[1], item[0])))}
-    return sorted(groups, key=lambda g: (rank[backend_of(g[0])], -sum(expected_seconds(r) for r in g)))
+    return sorted(groups, key=lambda g: (rank[backend_of(g[0])], -sum(expected_seconds(r, known) for r in g)))
 
 
 # --------------------------------------------------------------------------- the routine
@@ -209,7 +226,6 @@ class _Dispatcher:
         self.final: dict[str, RunRecord] = {}
         self.finished_elsewhere = 0
         self.trace = trace
-        self._next_id = 0
         self._next_look = clock()
 
     def _log(self, *event: object) -> None:
@@ -267,8 +283,7 @@ class _Dispatcher:
             del self.queue[index]
             claimed = tuple(run for run in runs if self._claim(run))
             if claimed:
-                self._next_id += 1
-                return WorkGroup(self._next_id, claimed)
+                return WorkGroup(next(_GROUP_IDS), claimed)
         return None
 
     def _claim(self, run: PlannedRun) -> bool:
@@ -299,6 +314,9 @@ class _Dispatcher:
             self._log("start", event.group_id, event.slot)
             for run in flight.group.runs:
                 self.progress.started(run, event.slot)
+        elif isinstance(event, GroupProgress):
+            remaining = [run.run_id for run in flight.group.runs if run.run_id in flight.remaining]
+            self.progress.advanced(remaining, event.done, age_s=event.elapsed_s)
         elif isinstance(event, RecordsReturned):
             for record in event.records:
                 if record.run_id in flight.remaining:
@@ -374,13 +392,17 @@ def run_sweep(
         runs=[(r.run_id, r.variant.name, r.seed) for r in prepared.runs],
         merge=prepared.spec.partial,
     )
-    todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed))
+    # what the store's finished runs say about this device orders the rest and starts the ETA
+    finished = finished_runs(prepared.runs, store, device_kind=device_kind)
+    known = Expectation.of(finished)
+    todo = order_longest_first(pending_runs(prepared.runs, store, rerun_failed=options.rerun_failed), known)
     distinct = len({run.run_id for run in prepared.runs})
     width = fuse_width(options.fuse, todo, device_kind=device_kind, memory_bytes=memory_bytes)
     if executor is None:
         executor = InlineExecutor(prepared.dataset, train=options.trainer.load())
     keeper = keeper or LeaseKeeper(lease_s=options.lease_s, clock=clock)
     progress = progress or Progress(todo)
+    progress.remember(finished)
     dispatcher = _Dispatcher(
         store=store, executor=executor, keeper=keeper, progress=progress, retries=options.retries,
         timeout_s=options.timeout_s, width=width, clock=clock, trace=trace, poll_s=POLL_S,
@@ -390,7 +412,7 @@ def run_sweep(
         if open_store is not None:
             keeper.start_heartbeat(open_store)
     try:
-        dispatcher.run(order_groups(form_groups(todo, width)))
+        dispatcher.run(order_groups(form_groups(todo, width), known))
     finally:
         keeper.stop_heartbeat()
         progress.close()

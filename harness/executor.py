@@ -10,8 +10,9 @@ An executor only starts workers, hands them work and returns what happened, as e
 - a worker serves one Keras backend (`KERAS_BACKEND` is set before Keras is imported there), so
   a group goes only to a worker of its backend (`WorkGroup.backend`); `idle_backends()` says
   which backends could take a group now;
-- events: `GroupStarted` (a worker took the group), `RecordsReturned` (records of some or all of
-  its runs, possibly all together), `GroupLost` (its worker died, or `cancel` killed it: the
+- events: `GroupStarted` (a worker took the group), `GroupProgress` (the fraction of its epochs
+  trained, for the ETA), `RecordsReturned` (records of some or all of its runs, possibly all
+  together), `GroupLost` (its worker died, or `cancel` killed it: the
   runs without a record are lost and the driver records them FAILED with the cause).
 
 Executors: `InlineExecutor` (this process, for debugging), `harness.scheduler.LocalPoolExecutor`
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import time
 import traceback
 from typing import Callable, Iterable, Protocol, Sequence, Union
 
+from harness import heartbeat
 from harness.data import Dataset
 from harness.plan import PlannedRun
 from harness.records import RunRecord, RunStatus, utcnow
@@ -79,7 +82,33 @@ class GroupLost:
     cause: str  # one sentence: why the runs of the group without a record are lost
 
 
-ExecutorEvent = Union[GroupStarted, RecordsReturned, GroupLost]
+@dataclasses.dataclass(frozen=True)
+class GroupProgress:
+    """The worker of a group has trained `done` (0..1) of the group's epochs (`harness.heartbeat`),
+    `elapsed_s` seconds after it began the group (timed where it trains: messages may arrive
+    late, or together). Advice for the ETA only: an executor may send none (the inline one does not)."""
+
+    group_id: int
+    done: float
+    elapsed_s: float | None = None
+
+
+def progress_sink(send: Callable[[GroupProgress], None], group_id: int, *, every_s: float) -> "heartbeat.Sink":
+    """A `harness.heartbeat` sink for a worker's group: `send`s its progress with the seconds
+    since this sink was made (the group's start), at most every `every_s` seconds."""
+    start = time.monotonic()
+    last = [-math.inf]
+
+    def report(done: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            send(GroupProgress(group_id, done, now - start))
+
+    return report
+
+
+ExecutorEvent = Union[GroupStarted, GroupProgress, RecordsReturned, GroupLost]
 
 
 class Executor(Protocol):
@@ -202,10 +231,11 @@ def train_group(runs: Sequence[PlannedRun], dataset: Dataset, *, train_fn: RunTr
     if train_fn is None:
         from harness.train import train_run as train_fn  # Keras only here, in the worker
     records = []
-    for run in runs:
+    for index, run in enumerate(runs):
         start = time.perf_counter()
         try:
-            records.append(train_fn(run, dataset))
+            with heartbeat.part(index, len(runs)):
+                records.append(train_fn(run, dataset))
         except Exception:  # noqa: BLE001 - anything the train function did not turn into a record
             records.append(failed_record(run, traceback.format_exc(), wall_s=time.perf_counter() - start))
     return records

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from harness import __version__
+from harness import __version__, heartbeat
 from harness.architecture import model_layout, uses_images
 from harness.data import Dataset
 from harness.plan import PlannedRun
@@ -201,6 +201,7 @@ def fit_copies(
                 histories[index].setdefault(key, []).append(value)
             if not math.isfinite(own.get("loss", math.nan)):
                 diverged[index] = epoch
+        heartbeat.report((epoch + 1) / epochs)
         if all(d is not None for d in diverged):
             break
     return histories, diverged
@@ -372,7 +373,11 @@ def _train_fused(
         release_memory()
         from harness.train import train_compiled_builder
 
-        return [train_compiled_builder(run, dataset, not_fused=built_copies) for run in runs]
+        records = []
+        for index, run in enumerate(runs):
+            with heartbeat.part(index, len(runs)):
+                records.append(train_compiled_builder(run, dataset, not_fused=built_copies))
+        return records
     model, copies, layout, images = built_copies
     inputs = prepared_inputs(
         dataset,

@@ -13,6 +13,9 @@ only in this module, and only when a sweep asks for it (`pip install -e ".[ray]"
   shared filesystem. What travels to the cluster: the run's code (the harness package and the
   train function, imported by path; a builder model's module) and config, and the dataset. What
   comes back: run records (JSON). Only the driver writes the store.
+- Progress (the fraction of a group's epochs trained, for the ETA) goes from the actors to a
+  `ProgressBoard` actor (no CPU, on the driver's node) without waiting; the driver keeps one
+  `take` on it among the refs it waits on.
 - Records stream back as each group finishes (`ray.wait`). A group whose actor or node dies is
   reported as `GroupLost` and the actor replaced (Ray places it on a node that is alive); the
   sweep routine retries or records the runs FAILED with the cause: never lost, never duplicated.
@@ -34,10 +37,12 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
+from harness import heartbeat
 from harness.devices import WorkerSlot
 from harness.errors import UserError, WorkerStartError
 from harness.executor import (
     ExecutorEvent,
+    GroupProgress,
     GroupStarted,
     RecordsReturned,
     SlotPool,
@@ -45,9 +50,11 @@ from harness.executor import (
     WorkGroup,
     check_records,
     failed_record,
+    progress_sink,
 )
 from harness.records import RunRecord
 
+PROGRESS_EVERY_S = 1.0  # at most one progress post per second per actor
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's switch for a loopback-only node
 
 
@@ -160,10 +167,37 @@ def _slot_for_backend(slot: WorkerSlot, backend: str) -> WorkerSlot:
     return dataclasses.replace(slot, backend=backend, env=env)
 
 
+class ProgressBoard:
+    """An async Ray actor (no CPU) on the driver's node that collects the groups' progress
+    (`harness.heartbeat`): the harness actors post to it without waiting, and the driver keeps
+    one `take` outstanding among the refs it waits on, answered as soon as something arrived."""
+
+    def __init__(self) -> None:
+        self.items: list[GroupProgress] = []
+        self.arrived: Any = None
+
+    def _arrived(self) -> Any:
+        import asyncio
+
+        if self.arrived is None:
+            self.arrived = asyncio.Event()
+        return self.arrived
+
+    async def post(self, progress: GroupProgress) -> None:
+        self.items.append(progress)
+        self._arrived().set()
+
+    async def take(self) -> list[GroupProgress]:
+        await self._arrived().wait()
+        items, self.items = self.items, []
+        self._arrived().clear()
+        return items
+
+
 class RayTrainer:
     """The body of a harness actor (wrapped with `ray.remote` by the executor)."""
 
-    def __init__(self, trainer: Trainer, dataset: Any) -> None:
+    def __init__(self, trainer: Trainer, dataset: Any, board: Any = None) -> None:
         import signal
 
         for signum in (signal.SIGINT,):
@@ -171,15 +205,35 @@ class RayTrainer:
         self.train = trainer.load()
         trainer.warm_up()  # Keras imported here, once, with this actor's KERAS_BACKEND
         self.dataset = dataset  # resolved from the object store once
+        self.board = board
+        self.last_post: Any = None
 
     def ready(self) -> tuple[int, str]:
         import ray
 
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
+    def _post(self, progress: GroupProgress) -> None:
+        """To the board, without waiting for it; a board found dead (its last post failed) is
+        given up on, so no post fails unread every second."""
+        if self.board is None:
+            return
+        if self.last_post is not None:
+            import ray
+
+            ready, _ = ray.wait([self.last_post], timeout=0)
+            if ready:
+                try:
+                    ray.get(ready[0])
+                except Exception:  # noqa: BLE001 - the board is gone: progress is advice
+                    self.board = None
+                    return
+        self.last_post = self.board.post.remote(progress)
+
     def train_group(self, group_id: int, runs: tuple) -> list[str]:
         try:
-            records = check_records(runs, self.train(runs, self.dataset))
+            with heartbeat.reporting(progress_sink(self._post, group_id, every_s=PROGRESS_EVERY_S)):
+                records = check_records(runs, self.train(runs, self.dataset))
         except Exception:  # noqa: BLE001 - a group trainer that raised
             records = [failed_record(run, traceback.format_exc()) for run in runs]
         return [record.to_json() for record in records]
@@ -241,6 +295,8 @@ class RayExecutor(SlotPool):
         self._actor_class = None
         self._members: list[_Actor] = []
         self._events: list[ExecutorEvent] = []
+        self._board: Any = None  # the ProgressBoard actor, and the `take` outstanding on it
+        self._board_ref: Any = None
 
     @classmethod
     def for_cluster(cls, *, spec, options, backend: str, pending: int, dataset, owns_cluster: bool) -> "RayExecutor":
@@ -263,7 +319,20 @@ class RayExecutor(SlotPool):
             return
         self._dataset_ref = self.ray.put(self._dataset)  # once: every actor reads the same copy
         self._actor_class = self.ray.remote(RayTrainer)
+        self._start_board()
         self._members = [self._start(slot) for slot in self.slots]
+
+    def _start_board(self) -> None:
+        """The progress board; without one (a client that cannot place it) the sweep still runs,
+        its ETA from finished runs alone."""
+        try:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=True)
+            self._board = self.ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
+            self._board_ref = self._board.take.remote()
+        except Exception:  # noqa: BLE001 - progress is advice
+            self._board = self._board_ref = None
 
     def _start(self, slot: WorkerSlot) -> _Actor:
         resources: dict[str, Any] = {"num_cpus": slot.threads}
@@ -272,7 +341,7 @@ class RayExecutor(SlotPool):
         env = {**forwarded_env(), **slot.environ()}
         handle = self._actor_class.options(  # type: ignore[union-attr]
             runtime_env={"env_vars": env}, max_restarts=0, max_task_retries=0, **resources
-        ).remote(self.trainer, self._dataset_ref)
+        ).remote(self.trainer, self._dataset_ref, self._board)
         self.stats.actor_starts += 1
         return _Actor(slot=slot, handle=handle, ready_ref=handle.ready.remote(), started_at=self.clock())
 
@@ -290,6 +359,12 @@ class RayExecutor(SlotPool):
         for actor in self._members:
             self._kill(actor)
         self._members = []
+        if self._board is not None:
+            try:
+                self.ray.kill(self._board, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self._board = self._board_ref = None
         if self.owns_cluster and self.ray.is_initialized():
             self.ray.shutdown()
             self.owns_cluster = False
@@ -303,15 +378,19 @@ class RayExecutor(SlotPool):
 
     def poll(self, timeout_s: float) -> list[ExecutorEvent]:
         if not self._events:
-            refs = {a.ready_ref: a for a in self._members if not a.ready}
+            refs: dict[Any, _Actor | None] = {a.ready_ref: a for a in self._members if not a.ready}
             refs.update({a.task: a for a in self._members if a.task is not None})
+            if refs and self._board_ref is not None:
+                refs[self._board_ref] = None
             if refs:
                 done, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout_s)
                 if done:
                     done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
                 for ref in done:
                     actor = refs[ref]
-                    if actor in self._members:
+                    if actor is None:
+                        self._progressed(ref)
+                    elif actor in self._members:
                         self._finished(actor, ref)
             else:
                 time.sleep(timeout_s)
@@ -344,6 +423,18 @@ class RayExecutor(SlotPool):
         inside = sum(r.timings.get("wall_s", 0.0) for r in records)
         self.stats.return_s.append(max(0.0, self.clock() - actor.sent_at - inside))
         self._events.append(RecordsReturned(group.group_id, records))
+
+    def _progressed(self, ref: Any) -> None:
+        """The board answered: progress of the groups still training (a stale one is dropped);
+        ask again. Progress is advice: a board that died (its node gone) is given up on."""
+        try:
+            items = self.ray.get(ref)
+        except self.ray.exceptions.RayError:
+            self._board_ref = None
+            return
+        training = {a.group.group_id for a in self._members if a.group is not None}
+        self._events.extend(item for item in items if item.group_id in training)  # in order; each timed
+        self._board_ref = self._board.take.remote()
 
     def _died_starting(self, actor: _Actor, exc: Exception) -> None:
         text = str(exc)

@@ -24,10 +24,12 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Sequence
 
+from harness import heartbeat
 from harness.devices import CPUS_ENV, WorkerSlot, pin_to_cpus
 from harness.errors import WorkerStartError
 from harness.executor import (
     ExecutorEvent,
+    GroupProgress,
     GroupStarted,
     RecordsReturned,
     SlotPool,
@@ -35,6 +37,7 @@ from harness.executor import (
     WorkGroup,
     check_records,
     failed_record,
+    progress_sink,
 )
 from harness.plan import PlannedRun
 from harness.records import RunRecord
@@ -85,6 +88,9 @@ class GroupDone:
 
 
 WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PROGRESS_EVERY_S = 1.0  # at most one progress message per second (epochs may be milliseconds)
+
+
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -135,7 +141,8 @@ def worker_main(
         if not isinstance(message, TrainGroup):
             return
         try:
-            records = check_records(message.runs, train(message.runs, _load(message.source, message.runs)))
+            with heartbeat.reporting(progress_sink(conn.send, message.group_id, every_s=PROGRESS_EVERY_S)):
+                records = check_records(message.runs, train(message.runs, _load(message.source, message.runs)))
         except Exception:  # noqa: BLE001 - a group trainer that raised, or data that cannot load
             records = [failed_record(run, traceback.format_exc()) for run in message.runs]
         conn.send(GroupDone(message.group_id, tuple(r.to_json() for r in records)))
@@ -307,16 +314,28 @@ class LocalPoolExecutor(SlotPool):
         return events
 
     def _receive(self, worker: _Worker) -> None:
-        try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            return  # the sentinel reports the death
+        """Every message waiting in the worker's pipe (progress may queue ahead of a result)."""
+        while True:
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                return  # the sentinel reports the death
+            self._handle(worker, message)
+            try:
+                if not worker.conn.poll():
+                    return
+            except (EOFError, OSError):
+                return
+
+    def _handle(self, worker: _Worker, message: object) -> None:
         now = self.clock()
         if isinstance(message, Ready):
             worker.ready, worker.ready_at = True, now
             self.stats.warm_up_s.append(now - worker.started_at)
             if worker.assigned is not None:
                 self._send(worker, worker.assigned)
+        elif isinstance(message, GroupProgress) and worker.group is not None and worker.group.group_id == message.group_id:
+            self._events.append(message)
         elif isinstance(message, GroupDone) and worker.group is not None and worker.group.group_id == message.group_id:
             records = tuple(RunRecord.from_json(text) for text in message.records)
             inside = sum(r.timings.get("wall_s", 0.0) for r in records)
@@ -325,6 +344,13 @@ class LocalPoolExecutor(SlotPool):
             self._events.append(RecordsReturned(message.group_id, records))
 
     def _died(self, worker: _Worker) -> None:
+        try:  # its group's records, sent before it died (queued behind progress), still count
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                if isinstance(message, GroupDone):
+                    self._handle(worker, message)
+        except (EOFError, OSError):
+            pass
         worker.process.join(timeout=1)
         how = signal_name(worker.process.exitcode)
         if worker.group is None and not worker.ready:

@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from harness.contracts import sweep_info  # noqa: F401 - re-exported for harness.execute
 from harness.errors import SpecError
@@ -137,12 +138,17 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None, *, first_rou
     return "\n".join(lines)
 
 
+HISTORY_DEVICE = "earlier runs"  # the cost tracker's name for runs finished before this sweep
+
+
 class Progress:
     """Live progress: a line per finished run (counts, result, ETA) and what each device is doing.
 
     On a terminal the device line stays at the bottom and is redrawn in place every second; in a
-    log (not a TTY) it is printed as a plain line every `every_s` seconds. The ETA comes from a
-    cost model (`harness.eta`: time ~ steps and FLOPs) fitted to the runs finished on each device.
+    log (not a TTY) it is printed as a plain line every `every_s` seconds, with how far each
+    device's group is (its workers report the fraction of its epochs trained: `advanced`). The
+    ETA comes from a cost model (`harness.eta`: time ~ steps and FLOPs) fitted to the runs
+    finished on each device, and, for a group still training, from its own pace.
     Counts are of runs, not attempts: a retried run is running again, not finished twice.
     """
 
@@ -162,6 +168,10 @@ class Progress:
         self.results: dict[str, RunStatus] = {}  # run id -> status of its last finished attempt
         self.running: dict[str, tuple[str, PlannedRun]] = {}
         self.started_at: dict[str, float] = {}
+        # run id -> (its group's size, its group's progress reports: (seconds since it started,
+        # fraction of its epochs done), the first and the latest)
+        self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
+        self._remembered: set[str] = set()  # run ids of `remember`ed runs
         self.slots = 1  # the most devices seen busy at once (a fused group is one)
         self.stream = stream or sys.stderr
         self.clock = clock
@@ -184,21 +194,56 @@ class Progress:
         return max(0, self.total - len(self.results) - len(self.running))
 
     def eta_s(self) -> float | None:
-        """Predicted seconds left; None until a run has finished (the prior alone is a guess) and
-        while a device is past its prediction (`harness.eta.OVERDUE_FACTOR`)."""
-        if not any(not s.is_failure() for s in self.results.values()):
-            return None
+        """Predicted seconds left; None until a run has finished or a training group has reported
+        its progress twice (the prior alone is a guess, and the time to a first report holds the
+        setup: 35 minutes predicted for a 10-minute sweep), and while a device is past its
+        prediction (`harness.eta.OVERDUE_FACTOR`)."""
+        return self.estimate().seconds
+
+    def estimate(self):
+        """`harness.eta.Estimate`: seconds left (see `eta_s`) and whether they are rough."""
+        from harness.eta import Estimate, Running, extrapolate
+
+        paced = any(extrapolate(reports) is not None for _size, reports in self.paces.values())
+        if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
+            return Estimate(None, rough=True)
         now = self.clock()
         pending = [c for i, c in self.costs.items() if i not in self.results and i not in self.running]
-        running = [
-            (device, self.costs[i], now - self.started_at.get(i, now))
-            for i, (device, _run) in self.running.items()
-            if i in self.costs
-        ]
-        return self.tracker.eta_s(pending=pending, running=running, slots=self.slots)
+        running = []
+        for run_id, (device, _run) in self.running.items():
+            if run_id not in self.costs:
+                continue
+            size, reports = self.paces.get(run_id, (1, []))
+            running.append(Running(device, self.costs[run_id], now - self.started_at.get(run_id, now),
+                                   extrapolate(reports), size))
+        return self.tracker.estimate(pending=pending, running=running, slots=self.slots)
+
+    def remember(self, finished: Sequence["FinishedRun"]) -> None:
+        """Runs finished before this sweep started (`finished_runs`): the ETA knows from the
+        first second how long runs take here (a resumed sweep, more seeds, a later round)."""
+        for run in finished:
+            if run.run_id not in self.results and run.run_id not in self._remembered:
+                self._remembered.add(run.run_id)
+                self.tracker.observe(HISTORY_DEVICE, run.cost, run.seconds)
+
+    def advanced(self, run_ids: Sequence[str], done: float, *, age_s: float | None = None) -> None:
+        """The group training `run_ids` has done `done` (0..1) of its epochs (`harness.heartbeat`),
+        `age_s` seconds after it began (as its worker timed it; default: since it started here)."""
+        now = self.clock()
+        live = [i for i in run_ids if i in self.running and i in self.started_at]
+        for run_id in live:
+            size, reports = self.paces.get(run_id, (len(live), []))  # the group's size at its first report
+            report = (now - self.started_at[run_id] if age_s is None else float(age_s), float(done))
+            self.paces[run_id] = (size, (reports[:1] + [report]) if reports else [report])
+
+    def fraction_done(self, run_id: str) -> float | None:
+        """The latest progress its group reported (None: none yet)."""
+        reports = self.paces.get(run_id, (1, []))[1]
+        return reports[-1][1] if reports else None
 
     def started(self, run: PlannedRun, device: str = "this process") -> None:
         self.results.pop(run.run_id, None)  # a retry: running again, not finished
+        self.paces.pop(run.run_id, None)
         self.running[run.run_id] = (device, run)
         self.started_at[run.run_id] = self.clock()
         self.slots = max(self.slots, len({device for device, _run in self.running.values()}))
@@ -207,6 +252,7 @@ class Progress:
     def finished(self, record: RunRecord) -> None:
         device, _run = self.running.pop(record.run_id, ("", None))
         self.started_at.pop(record.run_id, None)
+        self.paces.pop(record.run_id, None)
         self.results[record.run_id] = record.status
         wall_s = record.timings.get("wall_s", 0.0)
         if not record.status.is_failure() and record.run_id in self.costs and wall_s > 0:
@@ -228,6 +274,7 @@ class Progress:
     def retried(self, record: RunRecord, attempt: int, retries: int) -> None:
         """A run failed and is queued again (`--retries`): not counted until its last attempt."""
         device, _run = self.running.pop(record.run_id, ("", None))
+        self.paces.pop(record.run_id, None)
         last = (record.error or "").strip().splitlines()[-1:] or [""]
         self._write(
             f"  {device + ': ' if device else ''}{record.variant} seed={record.seed}: FAILED, retry {attempt}/{retries}: "
@@ -235,10 +282,13 @@ class Progress:
         )
 
     def counts(self) -> str:
-        eta = self.eta_s()
+        """The counts and the ETA: `?` unknown, `~` rough (the runs not started are predicted by
+        the prior scaled to the few runs seen: see `harness.eta.Estimate`)."""
+        estimate = self.estimate()
+        eta = "?" if estimate.seconds is None else ("~" if estimate.rough else "") + _fmt_duration(estimate.seconds)
         return (
             f"done {self.done} failed {self.failed} running {len(self.running)} "
-            f"pending {self.pending} | ETA {'?' if eta is None else _fmt_duration(eta)}"
+            f"pending {self.pending} | ETA {eta} ({_fmt_duration(self.clock() - self.start)} elapsed)"
         )
 
     def tick(self, active: Sequence[tuple[Any, PlannedRun, float]]) -> None:
@@ -247,13 +297,20 @@ class Progress:
         if not active or now - self._last_status < self.every_s:
             return
         self._last_status = now
-        busy = ", ".join(f"{getattr(slot, 'name', slot)} {run.variant.name[:24]} s{run.seed} {age:.0f}s" for slot, run, age in active)
+        busy = ", ".join(
+            f"{getattr(slot, 'name', slot)} {run.variant.name[:24]} s{run.seed} {age:.0f}s{self._done_text(run.run_id)}"
+            for slot, run, age in active
+        )
         line = f"  running: {busy} | {self.counts()}"
         if self._tty:
             self._status = line
             self._draw_status()
         else:
             self._write(line)
+
+    def _done_text(self, run_id: str) -> str:
+        done = self.fraction_done(run_id)
+        return "" if done is None else f" {100 * done:.0f}%"
 
     def _draw_status(self) -> None:
         width = shutil.get_terminal_size((120, 24)).columns
@@ -298,15 +355,67 @@ def planned_cost(run: PlannedRun):
     )
 
 
-def expected_seconds(run: PlannedRun) -> float:
-    """A run's expected time before anything ran: the ETA's prior (steps and FLOPs). FLOPs alone
-    put seed 004's step-bound 50-epoch, batch-32 MLP (94,000 steps) after far shorter runs, and
-    it started last."""
+def expected_seconds(run: PlannedRun, known: "Expectation | None" = None) -> float:
+    """A run's expected time before it starts: what `known` says (the store's runs measured on
+    this device), else the ETA's prior (steps and FLOPs). FLOPs alone put seed 004's step-bound
+    50-epoch, batch-32 MLP (94,000 steps) after far shorter runs, and it started last."""
     from harness.eta import PRIOR
 
-    return PRIOR.predict(planned_cost(run))
+    return known.seconds(run) if known is not None else PRIOR.predict(planned_cost(run))
 
 
-def order_longest_first(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
+def order_longest_first(runs: Sequence[PlannedRun], known: "Expectation | None" = None) -> list[PlannedRun]:
     """Longest expected runs first (`expected_seconds`), so no long run starts last."""
-    return sorted(runs, key=lambda r: -expected_seconds(r))
+    return sorted(runs, key=lambda r: -expected_seconds(r, known))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A run the store holds as DONE, trained on this kind of device: its cost and its seconds."""
+
+    run_id: str
+    variant_id: str
+    cost: Any  # harness.eta.RunCost
+    seconds: float
+
+
+def finished_runs(runs: Sequence[PlannedRun], store: ResultStore, *, device_kind: str) -> list[FinishedRun]:
+    """The runs of `runs` the store holds as DONE with a wall time, trained on `device_kind`
+    ("cpu" | "gpu", from the record's device label): what a resumed sweep, or one given more
+    seeds, already knows about how long its runs take here."""
+    by_id = {run.run_id: run for run in runs}
+    out = []
+    for record in store.records(by_id):
+        seconds = record.timings.get("wall_s", 0.0)
+        on_cpu = record.device.startswith("cpu")
+        if record.status is RunStatus.DONE and seconds > 0 and math.isfinite(seconds) and on_cpu == (device_kind == "cpu"):
+            out.append(FinishedRun(record.run_id, record.variant_id, planned_cost(by_id[record.run_id]), float(seconds)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Expectation:
+    """Expected seconds of runs not started, from runs finished here: a variant's own mean where
+    some of its seeds finished (the cost model cannot tell an MLP from a CNN of the same steps
+    and FLOPs), else the cost model fitted to them all (`harness.eta.fit_cost_model`)."""
+
+    model: Any  # harness.eta.CostModel
+    measured: Mapping[str, float]  # variant id -> mean seconds of its finished runs
+
+    @classmethod
+    def of(cls, finished: Sequence[FinishedRun]) -> "Expectation | None":
+        if not finished:
+            return None
+        from harness.eta import fit_cost_model
+
+        by_variant: dict[str, list[float]] = {}
+        for run in finished:
+            by_variant.setdefault(run.variant_id, []).append(run.seconds)
+        return cls(
+            fit_cost_model([(run.cost, run.seconds) for run in finished]),
+            {variant: sum(times) / len(times) for variant, times in by_variant.items()},
+        )
+
+    def seconds(self, run: PlannedRun) -> float:
+        measured = self.measured.get(run.variant.variant_id)
+        return measured if measured is not None else self.model.predict(planned_cost(run))

@@ -11,7 +11,7 @@ import time
 import traceback
 from typing import Any
 
-from harness import __version__
+from harness import __version__, heartbeat
 from harness.data import Dataset, prepare_inputs, prepare_targets
 from harness.fused import HISTORY_KEYS
 from harness.plan import PlannedRun
@@ -249,7 +249,7 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset, *, not_fused: str 
             validation_batch_size=options.validation_batch_size,
             shuffle=True,
             verbose=0,
-            callbacks=[keras.callbacks.TerminateOnNaN()],
+            callbacks=[keras.callbacks.TerminateOnNaN(), epoch_heartbeat(keras, run.variant.epochs)],
         )
         trained = time.perf_counter()
         if compiled_by_user:
@@ -354,6 +354,14 @@ def trained_record(
         error="loss became NaN or infinite" if diverged else None,
         flags=flags,
         finished_at=utcnow(),
+    )
+
+
+def epoch_heartbeat(keras: Any, epochs: int) -> Any:
+    """A Keras callback that reports the fraction of `epochs` done after each epoch
+    (`harness.heartbeat`: the ETA of a long run before it finishes)."""
+    return keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs=None: heartbeat.report((epoch + 1) / max(1, epochs))
     )
 
 

@@ -103,3 +103,15 @@ def spread(run, dataset) -> RunRecord:
     if name.startswith("noisy"):
         return _record(run, accuracy=0.90 + ((run.seed * 37) % 11 - 5) / 100)
     return _record(run)
+
+
+def epochs(run, dataset) -> RunRecord:
+    """Three 'epochs' of HARNESS_FAKE_EPOCH_S seconds each, reporting progress after each as the
+    real trainers do (`harness.heartbeat`)."""
+    from harness import heartbeat
+
+    _log(run)
+    for epoch in range(3):
+        time.sleep(float(os.environ.get("HARNESS_FAKE_EPOCH_S", "0.4")))
+        heartbeat.report((epoch + 1) / 3)
+    return _record(run)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from harness import train
+from harness import heartbeat, train
 from harness.builders import BuilderError, check_args, locate_builder
 from harness.cli import cli
 from harness.records import RunStatus
@@ -330,8 +330,11 @@ def test_a_builder_that_cannot_fuse_trains_its_group_one_run_at_a_time(builder: 
     args = "{units: 16}" if builder == "compiled_mlp" else "{}"
     path = sweep_file(tmp_path, f'  - name: b\n    model: {{builder: "mybuilders:{builder}", args: {args}}}\n', seeds=2)
     prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
-    records = train_group(list(prepared.runs), prepared.dataset)
+    reported: list[float] = []
+    with heartbeat.reporting(reported.append):
+        records = train_group(list(prepared.runs), prepared.dataset)
     assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
+    assert reported == [0.5, 1.0]  # one epoch each, one after the other: each run half the group
     assert all(r.metrics["fused"] == 1 for r in records)  # not fused copies, and each says why
     why = "compiled by the builder" if builder == "compiled_mlp" else "copies share weights"
     assert [r.metrics["not_fused"] for r in records] == [why, why]

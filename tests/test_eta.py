@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from harness.eta import OVERDUE_GRACE_S, PRIOR, CostModel, CostTracker, RunCost, fit_cost_model, run_cost
+from harness.records import RunStatus
+
+from harness.eta import (
+    EXTRAPOLATED_SLACK,
+    OVERDUE_GRACE_S,
+    PRIOR,
+    CostModel,
+    CostTracker,
+    RunCost,
+    Running,
+    extrapolate,
+    fit_cost_model,
+    run_cost,
+)
 
 
 def test_run_cost_counts_steps_of_every_epoch() -> None:
@@ -49,13 +62,13 @@ def test_tracker_predicts_per_device_and_shares_pending_work_among_slots() -> No
         tracker.observe("cpu", RunCost(steps, 0), slow.predict(RunCost(steps, 0)))
     assert tracker.model("gpu0").step_s == pytest.approx(0.001)
     assert tracker.model("cpu").step_s == pytest.approx(0.004)
-    eta = tracker.eta_s(pending=[RunCost(1000, 0)] * 4, running=[("cpu", RunCost(1000, 0), 1.0)], slots=2)
+    eta = tracker.eta_s(pending=[RunCost(1000, 0)] * 4, running=[Running("cpu", RunCost(1000, 0), 1.0)], slots=2)
     pooled = tracker.model(None).predict(RunCost(1000, 0))
     assert eta == pytest.approx((4 * pooled + 3.0) / 2)
     # one long run left on one device: the ETA is what it still needs, not a share of it
-    assert tracker.eta_s(pending=[], running=[("cpu", RunCost(1000, 0), 1.0)], slots=4) == pytest.approx(3.0)
+    assert tracker.eta_s(pending=[], running=[Running("cpu", RunCost(1000, 0), 1.0)], slots=4) == pytest.approx(3.0)
     # a fused group of three on one device: their predictions add up, the group's age counts once
-    group = [("cpu", RunCost(1000, 0), 5.0)] * 3
+    group = [Running("cpu", RunCost(1000, 0), 5.0)] * 3
     assert tracker.eta_s(pending=[], running=group, slots=1) == pytest.approx(3 * 4.0 - 5.0)
 
 
@@ -105,11 +118,145 @@ def test_a_device_past_its_prediction_has_no_eta() -> None:
         tracker.observe("cpu", RunCost(steps, 0), model.predict(RunCost(steps, 0)))
     predicted = tracker.model("cpu").predict(RunCost(1000, 0))  # 4 s
     # on time: what it still needs plus the pending run
-    on_time = tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), predicted - 1.0)], slots=1)
+    on_time = tracker.eta_s(pending=[RunCost(1000, 0)], running=[Running("cpu", RunCost(1000, 0), predicted - 1.0)], slots=1)
     assert on_time == pytest.approx(1.0 + predicted)
     # past the prediction: unknown, not a count-down stuck at zero
     late = predicted + OVERDUE_GRACE_S + 0.1
-    assert tracker.eta_s(pending=[RunCost(1000, 0)], running=[("cpu", RunCost(1000, 0), late)], slots=1) is None
+    assert tracker.eta_s(pending=[RunCost(1000, 0)], running=[Running("cpu", RunCost(1000, 0), late)], slots=1) is None
     # a fused group's predictions add up before the rule applies
-    group = [("cpu", RunCost(1000, 0), late)] * 3
+    group = [Running("cpu", RunCost(1000, 0), late)] * 3
     assert tracker.eta_s(pending=[], running=group, slots=1) == pytest.approx(3 * predicted - late)
+
+
+def test_a_group_is_extrapolated_from_its_pace_between_reports() -> None:
+    assert extrapolate([]) is None
+    assert extrapolate([(5.0, 0.0), (float("nan"), 0.5), (6.0, float("inf"))]) is None
+    # one report: unknown (the time to it holds the setup: scaled up, far too pessimistic)
+    assert extrapolate([(12.0, 0.1)]) is None
+    assert extrapolate([(12.0, 1.0)]) == pytest.approx(12.0)  # unless it says the training is done
+    # two: the pace between them (10% per 8 s), which leaves the 4 s of setup out
+    assert extrapolate([(12.0, 0.1), (20.0, 0.2)]) == pytest.approx(20.0 + 0.8 * 80.0)
+    # all epochs trained: what it took (only the test evaluation is left)
+    assert extrapolate([(12.0, 0.1), (90.0, 1.0)]) == pytest.approx(90.0)
+
+
+def test_repeats_of_one_cost_scale_the_prior_instead_of_fitting_one_time_for_every_run() -> None:
+    """Five finished runs of one fused group are one cost: they say how fast this device is, not
+    how time grows with steps and FLOPs (an intercept-only fit said every run takes 80 s)."""
+    long_run, short_run = RunCost(90_000, 3e11), RunCost(1_000, 1e10)
+    model = fit_cost_model([(long_run, 80.0)] * 5)
+    assert model.source == "scaled prior (5 runs)"
+    assert model.predict(long_run) == pytest.approx(80.0)
+    assert model.predict(short_run) / model.predict(long_run) == pytest.approx(
+        PRIOR.predict(short_run) / PRIOR.predict(long_run)
+    )
+
+
+def test_a_paced_group_predicts_itself_and_the_runs_not_started() -> None:
+    tracker = CostTracker()
+    cost = RunCost(10_000, 0)
+    # a fused pair whose pace says 100 s in all (50 s a run), 40 s in; two more such runs pending
+    paced = [Running("cpu.0", cost, 40.0, 100.0, 2)] * 2
+    assert tracker.eta_s(pending=[cost] * 2, running=paced, slots=1) == pytest.approx(60.0 + 2 * 50.0)
+    # without a pace the (unscaled) prior decides: 2 + 0.003 * 10,000 = 32 s a run
+    unpaced = [Running("cpu.0", cost, 40.0)] * 2
+    assert tracker.eta_s(pending=[cost] * 2, running=unpaced, slots=1) == pytest.approx(64.0 - 40.0 + 64.0)
+    # a pace is past its prediction only beyond the slack (its last epoch and the evaluation)
+    within = 100.0 * EXTRAPOLATED_SLACK + OVERDUE_GRACE_S - 0.1
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cost, within, 100.0, 2)] * 2, slots=1) == 0.0
+    late = within + 0.2
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cost, late, 100.0, 2)] * 2, slots=1) is None
+    # the group's records arrive one by one: with one of its two runs recorded, its device still
+    # needs what the group's pace says (not half of it, which read as overdue: "?")
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cost, 99.0, 100.0, 2)], slots=1) == pytest.approx(1.0)
+
+
+def test_progress_has_an_eta_once_a_group_reports_its_pace(tmp_path, data_dir) -> None:
+    import io
+
+    from harness.sweep import Progress, prepare_sweep
+    from harness.spec import load_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2))), data_dir=data_dir)
+    runs = [r for r in prepared.runs if r.variant.name == "mlp_32"]
+    now = [0.0]
+    stream = io.StringIO()
+    progress = Progress(runs, stream=stream, clock=lambda: now[0], every_s=0.0)
+    for run in runs:  # one fused group of both
+        progress.started(run, "cpu.0")
+    now[0] = 12.0
+    assert progress.eta_s() is None  # no run finished, no report: no estimate
+    ids = [r.run_id for r in runs]
+    progress.advanced(ids, 0.1)
+    assert progress.eta_s() is None  # one report: its time holds the setup, too rough to show
+    now[0] = 20.0
+    progress.advanced(ids, 0.2)
+    now[0] = 21.0
+    assert progress.eta_s() == pytest.approx(20.0 + 0.8 * 80.0 - 21.0)  # the pace since the first report
+    progress.tick([("cpu.0", runs[0], 21.0)])
+    assert "cpu.0 mlp_32 s0 21s 20% | done 0 failed 0 running 2 pending 0 | ETA 0:01:03 (0:00:21 elapsed)" in stream.getvalue()
+    assert "| ETA ? (" in Progress(prepared.runs, stream=io.StringIO()).counts()  # nothing known
+    # runs not started yet, predicted by the prior scaled to this one group: a rough estimate
+    with_pending = Progress(prepared.runs, stream=io.StringIO(), clock=lambda: now[0])
+    for run in runs:
+        with_pending.started(run, "cpu.0")
+    now[0] += 5.0
+    with_pending.advanced(ids, 0.25)
+    now[0] += 10.0
+    with_pending.advanced(ids, 0.5)
+    assert "| ETA ~" in with_pending.counts()
+    # a report for runs not running (a stale message) changes nothing
+    progress.advanced(["not-a-run"], 0.9)
+    assert progress.fraction_done(ids[0]) == pytest.approx(0.2)
+    now[0] = 84.0  # the group is trained; its records arrive one by one
+    progress.finished(runs[0].record(RunStatus.DONE, timings={"wall_s": 42.0}, metrics={"test_accuracy": 0.9}))
+    assert progress.fraction_done(ids[0]) is None
+    assert progress.eta_s() == pytest.approx(0.0)  # not "?": the other run is the same group
+
+
+def test_an_estimate_of_runs_not_started_is_rough_until_the_model_is_fitted() -> None:
+    tracker = CostTracker()
+    cost = RunCost(10_000, 0)
+    paced = [Running("cpu.0", cost, 40.0, 50.0, 1)]
+    assert tracker.estimate(pending=[cost], running=paced, slots=1).rough  # the prior, scaled to one cost
+    assert not tracker.estimate(pending=[], running=paced, slots=1).rough  # nothing left to the prior
+    for steps in (1_000, 2_000, 4_000, 8_000):
+        tracker.observe("cpu.0", RunCost(steps, 0), 0.005 * steps)
+    estimate = tracker.estimate(pending=[cost], running=paced, slots=1)
+    assert not estimate.rough and estimate.seconds == pytest.approx(10.0 + 0.005 * 10_000, rel=1e-6)
+
+
+def test_the_pooled_model_is_refitted_as_runs_finish() -> None:
+    """Without any progress report (the in-process executor), runs that finish after a first
+    estimate still refine the model for the runs not started, and the `~` goes once it is fitted."""
+    tracker = CostTracker()
+    cost = RunCost(10_000, 0)
+    tracker.observe("cpu.0", RunCost(1_000, 0), 5.0)
+    assert tracker.estimate(pending=[cost], running=[], slots=1).rough
+    for steps in (2_000, 4_000, 8_000):
+        tracker.observe("cpu.0", RunCost(steps, 0), 0.005 * steps)
+    estimate = tracker.estimate(pending=[cost], running=[], slots=1)
+    assert not estimate.rough and estimate.seconds == pytest.approx(50.0, rel=1e-6)
+
+
+def test_progress_paces_a_group_by_its_worker_clock(tmp_path, data_dir) -> None:
+    """Two reports that reach the driver together (a busy driver, or Ray handing over several at
+    once) are paced by when the worker made them, not by when they arrived."""
+    import io
+
+    from harness.sweep import Progress, prepare_sweep
+    from harness.spec import load_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1))), data_dir=data_dir)
+    run = prepared.runs[0]
+    now = [0.0]
+    progress = Progress([run], stream=io.StringIO(), clock=lambda: now[0])
+    progress.started(run, "cpu.0")
+    now[0] = 30.0
+    progress.advanced([run.run_id], 0.2, age_s=20.0)
+    progress.advanced([run.run_id], 0.4, age_s=29.0)
+    assert progress.eta_s() == pytest.approx(29.0 + 0.6 * 9.0 / 0.2 - 30.0)

@@ -7,6 +7,7 @@ where the point is how the routine reacts to what workers report (lost groups, t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -209,7 +210,8 @@ def test_ctrl_c_releases_the_claims_and_records_nothing_half_done(prepared, tmp_
 
 
 class ScriptedExecutor:
-    """Plays back what workers would report; records what the routine asks of it."""
+    """Plays back what workers would report; records what the routine asks of it. `hang` and
+    `lose` name groups by the order they were submitted in (1: the first)."""
 
     def __init__(self, clock: FakeClock, *, hang: set[int] = frozenset(), lose: set[int] = frozenset()) -> None:
         self.clock, self.hang, self.lose = clock, set(hang), set(lose)
@@ -242,11 +244,12 @@ class ScriptedExecutor:
         self.clock.advance(timeout_s)
         events = []
         for group in self.pending:
+            ordinal = self.submitted.index(group) + 1
             events.append(GroupStarted(group.group_id, f"w{group.group_id}", "cpu"))
-            if group.group_id in self.lose:
+            if ordinal in self.lose:
                 events.append(GroupLost(group.group_id, "worker process w died (signal SIGKILL)"))
                 self.busy.discard(group.group_id)
-            elif group.group_id not in self.hang:
+            elif ordinal not in self.hang:
                 records = tuple(r.record(RunStatus.DONE, metrics={"test_accuracy": 0.9}) for r in group.runs)
                 events.append(RecordsReturned(group.group_id, records))
                 self.busy.discard(group.group_id)
@@ -309,3 +312,56 @@ def test_bad_options_are_one_line_errors(kwargs, key) -> None:
 
     with pytest.raises(UserError, match=key):
         SweepOptions(**kwargs)
+
+
+def test_a_resumed_sweep_orders_and_estimates_from_what_the_store_holds(prepared, tmp_path: Path) -> None:
+    """Seed 0 of each variant finished before: here the MLP's took 100 s and the CNN's 1 s. The
+    prior alone starts the CNN first (more FLOPs); what the store holds starts the MLP first,
+    and the progress line has an ETA before any run of this sweep finished. Runs measured on
+    another kind of device (a GPU) and failed runs say nothing about this one."""
+    from harness.sweep import Expectation, finished_runs
+
+    mlp, cnn = ([r for r in prepared.runs if r.variant.name == name] for name in ("mlp_32", "cnn_8"))
+    assert order_groups(form_groups(mlp[1:] + cnn[1:], 1))[0][0].variant.name == "cnn_8"  # the prior's order
+    here = "cpu x86_64 (1 threads)"
+    with SQLiteStore(tmp_path / "h.db") as store:
+        store.put(mlp[0].record(RunStatus.DONE, metrics={"test_accuracy": 0.9}, timings={"wall_s": 100.0}, device=here))
+        store.put(cnn[0].record(RunStatus.DONE, metrics={"test_accuracy": 0.9}, timings={"wall_s": 1.0}, device=here))
+        store.put(cnn[1].record(RunStatus.DONE, metrics={"test_accuracy": 0.9}, timings={"wall_s": 500.0}, device="NVIDIA H100"))
+        store.put(mlp[1].record(RunStatus.FAILED, error="boom", timings={"wall_s": 900.0}, device=here))
+        finished = finished_runs(prepared.runs, store, device_kind="cpu")
+        assert sorted((f.run_id, f.seconds) for f in finished) == sorted([(mlp[0].run_id, 100.0), (cnn[0].run_id, 1.0)])
+        known = Expectation.of(finished)
+        assert known.seconds(mlp[2]) == 100.0 and known.seconds(cnn[2]) == 1.0
+
+        progress = Progress([r for r in prepared.runs if r.seed > 0], stream=io.StringIO())
+        lines: list[str] = []
+
+        class Watching(Trainer):
+            def __call__(self, run, dataset):
+                lines.append(progress.counts())  # while the first run trains, before any finished
+                return super().__call__(run, dataset)
+
+        trace: list[tuple] = []
+        run_sweep(prepared, store=store, executor=inline(prepared, Watching()), options=SweepOptions(fuse=1),
+                  progress=progress, trace=trace)
+    submitted = [prepared_names(prepared)[event[2][0]] for event in kinds(trace, "submit")]
+    assert submitted == ["mlp_32", "cnn_8"]  # seed 2 of each (seed 1: failed, and done elsewhere)
+    assert "done 0 failed 0" in lines[0] and "ETA ?" not in lines[0], lines[0]
+
+
+def prepared_names(prepared) -> dict[str, str]:
+    return {r.run_id: r.variant.name for r in prepared.runs}
+
+
+def test_group_ids_are_never_reused_across_sweep_rounds(prepared, tmp_path: Path) -> None:
+    """One executor serves every round of adaptive seeds; a late message of a group of an earlier
+    round must not be taken for a group of this one, so no id comes twice."""
+    traces: list[list[tuple]] = [[], []]
+    with SQLiteStore(tmp_path / "h.db") as store:
+        executor = inline(prepared, Trainer())
+        for trace, seeds in zip(traces, ({0}, {1, 2})):
+            chosen = dataclasses.replace(prepared, runs=[r for r in prepared.runs if r.seed in seeds])
+            run_sweep(chosen, store=store, executor=executor, progress=quiet(), trace=trace)
+    first, second = ({event[1] for event in kinds(trace, "submit")} for trace in traces)
+    assert first and second and not first & second

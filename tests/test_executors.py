@@ -134,3 +134,41 @@ def test_a_tiny_real_sweep(tmp_path: Path, data_dir: Path, executor: str) -> Non
         assert all(r.status is RunStatus.DONE and r.test_accuracy > 0.2 for r in records)
         assert all(r.versions.get("tensorflow") for r in records)
         assert len(load_results(store, "tiny").summary) == 2
+
+
+class _Watched(Progress):
+    """A Progress that keeps every progress report it is given, per group of run ids."""
+
+    def __init__(self) -> None:
+        super().__init__((), stream=io.StringIO())
+        self.reports: dict[tuple[str, ...], list[float]] = {}
+
+    def advanced(self, run_ids, done: float, *, age_s: float | None = None) -> None:
+        super().advanced(run_ids, done, age_s=age_s)
+        self.reports.setdefault(tuple(run_ids), []).append(done)
+        assert age_s is not None and age_s > 0  # timed by the worker
+
+
+@pytest.mark.parametrize("where", ["pool", "ray"])
+def test_a_training_group_reports_its_progress_to_the_driver(
+    tmp_path: Path, data_dir: Path, log: Path, where: str, request, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's group of two runs (trained one after the other, three 'epochs' each) tells the
+    driver how far it is while it trains: the fraction of the group's epochs, growing, the first
+    within the first run's half; throttled to one message a second."""
+    if where == "ray":
+        request.getfixturevalue("ray_cluster")
+    monkeypatch.setenv("HARNESS_FAKE_EPOCH_S", "0.4")
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2, train=300, test=100)))
+    options = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor=where, train_fn="fake_train:epochs",
+                           workers=2, fuse=2)
+    progress = _Watched()
+    outcome = execute_sweep(spec, options, progress=progress)
+    assert outcome.trained == 4 and outcome.failed == 0
+    assert len(progress.reports) == 2  # one group per variant
+    for run_ids, fractions in progress.reports.items():
+        assert len(run_ids) == 2
+        assert 2 <= len(fractions) <= 3, fractions  # 2.4 s of epochs, at most one message a second
+        assert fractions == sorted(fractions) and all(0 < f <= 1 for f in fractions)
+        assert fractions[0] <= 0.5  # the first run is the first half of the group
+    assert not progress.paces  # forgotten once the runs finished

@@ -112,7 +112,7 @@ def test_progress_reports_counts_and_eta(prepared) -> None:
     lines = stream.getvalue().splitlines()
     assert "start mlp_32 seed=0" in lines[0]
     assert "acc 90.00%" in lines[1] and "done 1 failed 0 running 0 pending 1" in lines[1]
-    assert "ETA 0:00:00" in lines[1] or "ETA 0:00:01" in lines[1]  # half the FLOPs done almost at once
+    assert "ETA ~0:00:00" in lines[1] or "ETA ~0:00:01" in lines[1]  # done almost at once; from one run: rough
     assert "FAILED: ValueError: bad luck" in lines[3] and "done 1 failed 1 running 0 pending 0" in lines[3]
 
 
