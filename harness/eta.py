@@ -46,9 +46,9 @@ class RunCost:
     flops: int  # estimated training FLOPs over the whole run
 
 
-def run_cost(*, n_train: int, validation_split: float, batch_size: int, epochs: int, train_flops: int) -> RunCost:
-    n_fit = max(1, int(n_train * (1.0 - validation_split)))
-    return RunCost(steps=math.ceil(n_fit / batch_size) * epochs, flops=int(train_flops))
+def run_cost(*, n_fit: int, batch_size: int, epochs: int, train_flops: int) -> RunCost:
+    """The cost of training on `n_fit` examples (`PlannedRun.n_fit`) for `epochs` epochs."""
+    return RunCost(steps=math.ceil(max(1, n_fit) / batch_size) * epochs, flops=int(train_flops))
 
 
 def extrapolate(reports: Sequence[tuple[float, float]]) -> float | None:
@@ -73,13 +73,16 @@ def extrapolate(reports: Sequence[tuple[float, float]]) -> float | None:
 class Running:
     """A run being trained: where, its cost, how long its device has been at it, and, when its
     group reported progress, the group's extrapolated total seconds (`paced_total_s`, the same
-    for each of its runs) and how many runs the group started with (`group_size`)."""
+    for each of its runs) and how many runs the group started with (`group_size`); after one
+    report only, that report's time over its fraction (`first_total_s`: it holds the setup, so
+    it is used only where the cost model is already past)."""
 
     device: str
     cost: RunCost
     age_s: float
     paced_total_s: float | None = None
     group_size: int = 1
+    first_total_s: float | None = None  # with one report only: its time over its fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +127,9 @@ def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: Cost
     """The model of one device from its finished runs' (cost, seconds).
 
     Candidates: the prior scaled by the observed total time over the prior's total (`scaled
-    prior`), and a non-negative least-squares fit of each subset of (intercept, steps, FLOPs).
+    prior`), and a non-negative least-squares fit of each subset of (intercept, steps, FLOPs)
+    but the intercept alone (a constant does not grow with the run), given two distinct costs
+    more than it has features.
     The one chosen predicts each distinct cost best from the others (leave-one-out, squared log
     ratio: an ETA sums runs of very different lengths; the latest `SELECTION_POINTS` costs) and is
     fitted to one point per distinct cost (its mean time); ties go to the simpler. Runs of one
@@ -142,7 +147,9 @@ def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: Cost
     best: tuple[float, tuple[str, ...] | None] = (_loo_error(None, chooser, prior), None)
     for size in (1, 2, 3):
         for subset in itertools.combinations(_FEATURES, size):
-            if len(chooser) < size + 1:  # one spare point: something to predict
+            # a constant alone does not grow with the run (it once said 24 minutes for a 10-minute
+            # sweep: every small run as long as the two big ones seen); each fold keeps a spare point
+            if subset == ("intercept_s",) or len(chooser) < size + 2:
                 continue
             error = _loo_error(subset, chooser, prior)
             if error < best[0] * (1 - 1e-9) - 1e-12:
@@ -246,6 +253,7 @@ class CostTracker:
         # per device: the predictions of its runs without a pace (a fused group's add up), or
         # its paced group's total (whichever of its runs are still to be recorded)
         busy: dict[str, tuple[float, float, bool]] = {}
+        first: dict[str, float] = {}  # a group's total from its first report alone
         for r in running:
             predicted, oldest, paced = busy.get(r.device, (0.0, 0.0, False))
             if r.paced_total_s is not None:
@@ -253,10 +261,17 @@ class CostTracker:
                 predicted = max(predicted, r.paced_total_s)
             elif not paced:
                 predicted += self.model(r.device).predict(r.cost)
+            if r.first_total_s is not None:
+                first[r.device] = max(first.get(r.device, 0.0), r.first_total_s)
             busy[r.device] = (predicted, max(oldest, r.age_s), paced)
-        for predicted, age, paced in busy.values():
+        for device, (predicted, age, paced) in list(busy.items()):
             if age > (EXTRAPOLATED_SLACK if paced else OVERDUE_FACTOR) * predicted + OVERDUE_GRACE_S:
-                return Estimate(None, rough=True)
+                # past the model (a CNN after MLPs): its first report's time scaled up is a
+                # pessimistic stand-in until a second report gives its pace
+                if device in first and age <= EXTRAPOLATED_SLACK * first[device] + OVERDUE_GRACE_S:
+                    busy[device] = (first[device], age, True)
+                else:
+                    return Estimate(None, rough=True)
         left = [max(0.0, predicted - age) for predicted, age, _paced in busy.values()]
         total = (pending_s + sum(left)) / max(1, slots)
         return Estimate(max(total, max(left, default=0.0)), rough=bool(pending) and pooled.distinct < ROUGH_BELOW)

@@ -45,19 +45,28 @@ def shared_memory_bytes(run: PlannedRun) -> int:
 
 # TensorFlow's flat optimizer update (`harness.tf_update`) holds three more copies of a group's
 # parameters while it steps: the flat vector, the flat gradient and the parts split back (counted
-# for every TensorFlow run: an upper bound where the optimizer keeps Keras' own update).
+# for the TensorFlow runs of the harness's own models whose optimizer it flattens: Adam).
 FLAT_UPDATE_PARAMETER_COPIES = 3
 
 
 def copy_memory_bytes(run: PlannedRun) -> int:
     """Estimated memory one fused copy of `run` adds: its training state and activations, its own
     per-epoch permutation of the targets and, when the inputs are fed from the host, of them; on
-    TensorFlow, the flat optimizer update's copies of its parameters."""
+    TensorFlow, the flat optimizer update's copies of its parameters (`flat_update_planned`)."""
     summary = run.summary
     targets = 4 * run.n_fit * int(run.dataset.get("num_classes", 0) or 0)
     own_inputs = 0 if inputs_on_device(run) else input_bytes(run)
-    flat_update = 4 * FLAT_UPDATE_PARAMETER_COPIES * summary.params if run.backend.backend == "tensorflow" else 0
+    flat_update = 4 * FLAT_UPDATE_PARAMETER_COPIES * summary.params if flat_update_planned(run) else 0
     return summary.train_memory_bytes(batch_size=run.variant.batch_size) + targets + own_inputs + flat_update
+
+
+def flat_update_planned(run: PlannedRun) -> bool:
+    """Whether the worker will train `run` with TensorFlow's flat optimizer update (its rule:
+    TensorFlow, a vocabulary model, an optimizer `tf_update.may_flatten`)."""
+    from harness.tf_update import may_flatten
+
+    model = run.variant.model
+    return run.backend.backend == "tensorflow" and model.builder is None and may_flatten(model.optimizer.name)
 
 
 def fusable(run: PlannedRun) -> bool:

@@ -214,8 +214,9 @@ class Progress:
             if run_id not in self.costs:
                 continue
             size, reports = self.paces.get(run_id, (1, []))
+            first = reports[0][0] / reports[0][1] if len(reports) == 1 and reports[0][1] > 0 else None
             running.append(Running(device, self.costs[run_id], now - self.started_at.get(run_id, now),
-                                   extrapolate(reports), size))
+                                   extrapolate(reports), size, first))
         return self.tracker.estimate(pending=pending, running=running, slots=self.slots)
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
@@ -347,8 +348,7 @@ def planned_cost(run: PlannedRun):
     from harness.eta import run_cost
 
     return run_cost(
-        n_train=int(run.dataset.get("n_train", 0)),
-        validation_split=run.variant.validation_split,
+        n_fit=run.n_fit,
         batch_size=run.variant.batch_size,
         epochs=run.variant.epochs,
         train_flops=run.estimated_train_flops,

@@ -41,6 +41,13 @@ from typing import Any, Iterator
 # without momentum; likely TensorFlow's graph rewrites of its `g * lr`): a check on one small model
 # cannot vouch for it, so it is not one.
 FLAT_OPTIMIZERS = ("Adam",)
+
+
+def may_flatten(optimizer_name: str) -> bool:
+    """Whether a harness model with this optimizer (a sweep file's name, e.g. "adam") is trained
+    with the flat update on TensorFlow, unless the per-process check refuses it (the planner's
+    memory estimate counts its parameter copies only then)."""
+    return optimizer_name.lower() in {name.lower() for name in FLAT_OPTIMIZERS}
 XLA_CPU_FLAG = "--xla_cpu_max_isa=SSE4_2"
 _CHECK_EPOCHS = 2  # of 6 steps
 

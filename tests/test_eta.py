@@ -21,8 +21,9 @@ from harness.eta import (
 
 
 def test_run_cost_counts_steps_of_every_epoch() -> None:
-    cost = run_cost(n_train=1000, validation_split=0.2, batch_size=32, epochs=3, train_flops=7)
+    cost = run_cost(n_fit=800, batch_size=32, epochs=3, train_flops=7)
     assert cost == RunCost(steps=25 * 3, flops=7)
+    assert run_cost(n_fit=801, batch_size=32, epochs=1, train_flops=0).steps == 26  # a last, smaller batch
 
 
 def test_a_step_bound_and_a_flop_bound_population_are_both_recovered() -> None:
@@ -260,3 +261,30 @@ def test_progress_paces_a_group_by_its_worker_clock(tmp_path, data_dir) -> None:
     progress.advanced([run.run_id], 0.2, age_s=20.0)
     progress.advanced([run.run_id], 0.4, age_s=29.0)
     assert progress.eta_s() == pytest.approx(29.0 + 0.6 * 9.0 / 0.2 - 30.0)
+
+
+def test_a_few_similar_times_do_not_make_every_run_as_long() -> None:
+    """The notebooks sweep's first two groups (seed 004's 94,000-step MLP and seed 000's 256x4
+    network) take 80 and 46 s a run: two costs leave the scaled prior; three long runs of about
+    one length never mean a constant time per run (it said 24 minutes for a 10-minute sweep)."""
+    small = RunCost(9_375, 9.9e10)
+    two = fit_cost_model([(RunCost(93_750, 1.21e12), 80.0), (RunCost(12_000, 2.879e12), 46.0)])
+    assert two.source.startswith("scaled prior") and two.predict(small) < 20.0
+    three = fit_cost_model([(RunCost(93_750, 1.21e12), 50.0), (RunCost(12_000, 2.879e12), 52.0),
+                            (RunCost(40_000, 1e12), 48.0)])
+    assert three.predict(RunCost(100, 1e9)) < 5.0
+
+
+def test_a_group_past_the_model_with_one_report_is_estimated_from_it() -> None:
+    """A CNN after MLPs: the model says 20 s, the group is at 60 s with one report (25% at 50 s).
+    Its time over its fraction (200 s) stands in for it rather than "?"; without that report the
+    device is past its prediction: unknown."""
+    tracker = CostTracker()
+    for steps in (1_000, 2_000, 4_000, 8_000):
+        tracker.observe("cpu.0", RunCost(steps, 0), 0.005 * steps)
+    cnn = RunCost(4_000, 0)  # 20 s by the model
+    reported = [Running("cpu.0", cnn, 60.0, None, 1, 200.0)]
+    assert tracker.eta_s(pending=[], running=reported, slots=1) == pytest.approx(140.0)
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cnn, 60.0)], slots=1) is None
+    # where the model is not past, it decides (the first report's time holds the setup)
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cnn, 10.0, None, 1, 200.0)], slots=1) == pytest.approx(10.0)

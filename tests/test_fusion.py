@@ -56,6 +56,14 @@ def test_tensorflow_copies_count_the_flat_update(tmp_path: Path, data_dir: Path)
     tensorflow = dataclasses.replace(run, backend=BackendChoice("tensorflow", "2", "tensorflow"))
     jax = dataclasses.replace(run, backend=BackendChoice("jax", "0.1", "jax"))
     assert copy_memory_bytes(tensorflow) - copy_memory_bytes(jax) == 3 * 4 * run.summary.params
+    # an optimizer it does not flatten keeps Keras' own update: nothing more than on JAX
+    from harness.spec import Optimizer
+
+    for name in ("sgd", "rmsprop"):
+        model = run.variant.model.model_copy(update={"optimizer": Optimizer(name=name)})
+        other = dataclasses.replace(tensorflow, variant=dataclasses.replace(run.variant, model=model))
+        on_jax = dataclasses.replace(other, backend=jax.backend)
+        assert copy_memory_bytes(other) == copy_memory_bytes(on_jax), name
 
 
 def test_builder_models_fuse_only_when_forced(tmp_path: Path, data_dir: Path) -> None:

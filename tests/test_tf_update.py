@@ -187,3 +187,12 @@ def test_the_flag_context_restores_the_environment(monkeypatch: pytest.MonkeyPat
     with xla_cpu_flag():
         assert os.environ["XLA_FLAGS"] == XLA_CPU_FLAG
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+def test_the_planner_expects_the_flat_update_exactly_where_the_worker_flattens(choices: dict) -> None:
+    """The fusion width's memory estimate (`fusion.flat_update_planned`) reads the sweep file's
+    optimizer name; the worker flattens by Keras class (`choices`, one real TensorFlow process)."""
+    from harness.tf_update import may_flatten
+
+    for name in ("adam", "rmsprop", "sgd"):
+        assert may_flatten(name) == choices["kinds"][name].startswith("Flat"), name
