@@ -39,6 +39,14 @@ _KERAS_CACHE_NAMES = {
 }
 
 
+def split_sizes(n_train: int, validation_split: float) -> tuple[int, int]:
+    """(examples trained on, examples held out for validation) of `n_train` under
+    `validation_split`: the last round(n * split) are held out (Keras' convention). The one rule
+    the planner, the workers and the records' step counts share."""
+    n_val = int(round(int(n_train) * float(validation_split or 0.0)))
+    return int(n_train) - n_val, n_val
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     name: str

@@ -314,7 +314,9 @@ def record_steps(record: "RunRecord") -> int | None:
     epochs = record.metrics.get("epochs_ran", record.budget.get("epochs"))
     if not n_train or not batch or epochs is None:
         return None
-    n_fit = int(n_train) - int(round(int(n_train) * float(record.budget.get("validation_split") or 0.0)))
+    from harness.data import split_sizes
+
+    n_fit, _n_val = split_sizes(int(n_train), float(record.budget.get("validation_split") or 0.0))
     return int(epochs) * math.ceil(n_fit / int(batch))
 
 

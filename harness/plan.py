@@ -7,7 +7,7 @@ from typing import Any
 
 from harness.architecture import ModelSummary, summarize_model
 from harness.backends import BackendChoice, choose_backend, installed_backends, model_kind, require_installed
-from harness.data import Dataset
+from harness.data import Dataset, split_sizes
 from harness.errors import SpecError
 from harness.health import diagnose_record
 from harness.records import RunRecord, RunStatus
@@ -77,7 +77,7 @@ class PlannedRun:
     @property
     def n_fit(self) -> int:
         """Training examples after the validation split (as planned, from the dataset's size)."""
-        return int(self.dataset.get("n_train", 0) * (1.0 - self.variant.validation_split))
+        return split_sizes(int(self.dataset.get("n_train", 0)), self.variant.validation_split)[0]
 
     @property
     def estimated_train_flops(self) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from harness.contracts import sweep_info  # noqa: F401 - re-exported for harness.execute
 from harness.errors import SpecError
-from harness.data import Dataset, configured_data_dir, load_dataset
+from harness.data import Dataset, configured_data_dir, load_dataset, split_sizes
 from harness.plan import BackendContext, PlannedRun, build_plan
 from harness.records import RunRecord, RunStatus
 from harness.spec import SweepSpec
@@ -54,11 +54,11 @@ def check_splits(spec: SweepSpec, *, n_train: int) -> None:
     before anything trains: it would otherwise end as a FAILED or DIVERGED record."""
     for variant in spec.variants:
         split = variant.validation_split
-        n_val = int(round(n_train * split))
-        if n_train - n_val < 1 or (split > 0 and n_val < 1):
+        n_fit, n_val = split_sizes(n_train, split)
+        if n_fit < 1 or (split > 0 and n_val < 1):
             raise SpecError(
                 f"validation_split {split:g} of {n_train:,} training images leaves "
-                f"{n_train - n_val} to train on and {n_val} to validate (variant '{variant.name}')",
+                f"{n_fit} to train on and {n_val} to validate (variant '{variant.name}')",
                 file=spec.source,
                 key="budget.validation_split",
             )

@@ -12,7 +12,7 @@ import traceback
 from typing import Any
 
 from harness import __version__, heartbeat
-from harness.data import Dataset, prepare_inputs, prepare_targets
+from harness.data import Dataset, prepare_inputs, prepare_targets, split_sizes
 from harness.fused import HISTORY_KEYS
 from harness.plan import PlannedRun
 from harness.records import RunFlag, RunRecord, RunStatus, utcnow
@@ -109,8 +109,7 @@ def prepared_inputs(
         y_all = prepare_targets(dataset.y_train, loss=loss, num_classes=dataset.num_classes)
         x_test = prepare_inputs(dataset.x_test, preprocess=preprocess, images=images)
         y_test = prepare_targets(dataset.y_test, loss=loss, num_classes=dataset.num_classes)
-        n_val = int(round(len(x_all) * validation_split))
-        n_fit = len(x_all) - n_val
+        n_fit, n_val = split_sizes(len(x_all), validation_split)
         arrays = [x_all[:n_fit], y_all[:n_fit], x_all[n_fit:] if n_val else None, y_all[n_fit:] if n_val else None, x_test, y_test]
         for array in arrays:
             if array is not None:

@@ -112,3 +112,23 @@ def test_real_debian_fashion_mnist(tmp_path: Path) -> None:
     ds = load_dataset(DatasetRef(kind="builtin", name="fashion_mnist"), data_dir=tmp_path)
     assert ds.source == "/usr/share/datasets/fashion-mnist"
     assert ds.x_train.shape == (60000, 28, 28) and ds.x_test.shape == (10000, 28, 28) and ds.num_classes == 10
+
+
+def test_the_planner_and_the_workers_split_alike(tmp_path, data_dir) -> None:
+    """1,001 images, validation 0.1: 100 held out, 901 trained on, for the plan's FLOPs, the ETA
+    and the fusion memory estimate as for the worker's arrays (the plan once counted 900)."""
+    from harness.data import split_sizes
+    from harness.spec import load_sweep
+    from harness.sweep import prepare_sweep
+    from harness.train import prepared_inputs
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    assert split_sizes(1001, 0.1) == (901, 100) and split_sizes(10, 0.0) == (10, 0)
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(train=1001, test=100))),
+                             data_dir=data_dir)
+    run = prepared.runs[0]
+    assert run.dataset["n_train"] == 1001
+    inputs = prepared_inputs(prepared.dataset, preprocess="unit", images=False, loss="categorical_crossentropy",
+                             validation_split=run.variant.validation_split)
+    assert run.n_fit == inputs.n_fit == 901 and len(inputs.x_val) == 100
