@@ -41,8 +41,10 @@ _KERAS_CACHE_NAMES = {
 
 def split_sizes(n_train: int, validation_split: float) -> tuple[int, int]:
     """(examples trained on, examples held out for validation) of `n_train` under
-    `validation_split`: the last round(n * split) are held out (Keras' convention). The one rule
-    the planner, the workers and the records' step counts share."""
+    `validation_split`: the last round(n * split) are held out. The harness's rule (Keras' own
+    `fit(validation_split=...)` trains on floor(n * (1 - split)): one example fewer at times; the
+    harness slices the arrays itself), shared by the planner, the workers, KerasTuner searches and
+    the records' step counts."""
     n_val = int(round(int(n_train) * float(validation_split or 0.0)))
     return int(n_train) - n_val, n_val
 

@@ -264,23 +264,26 @@ class CostTracker:
             if r.first_total_s is not None:
                 first[r.device] = max(first.get(r.device, 0.0), r.first_total_s)
             busy[r.device] = (predicted, max(oldest, r.age_s), paced)
+        stand_in = False
         for device, (predicted, age, paced) in list(busy.items()):
             if age > (EXTRAPOLATED_SLACK if paced else OVERDUE_FACTOR) * predicted + OVERDUE_GRACE_S:
                 # past the model (a CNN after MLPs): its first report's time scaled up is a
-                # pessimistic stand-in until a second report gives its pace
-                if device in first and age <= EXTRAPOLATED_SLACK * first[device] + OVERDUE_GRACE_S:
-                    busy[device] = (first[device], age, True)
+                # pessimistic stand-in until a second report gives its pace (while still ahead)
+                if first.get(device, 0.0) > age:
+                    busy[device], stand_in = (first[device], age, True), True
                 else:
                     return Estimate(None, rough=True)
         left = [max(0.0, predicted - age) for predicted, age, _paced in busy.values()]
         total = (pending_s + sum(left)) / max(1, slots)
-        return Estimate(max(total, max(left, default=0.0)), rough=bool(pending) and pooled.distinct < ROUGH_BELOW)
+        rough = stand_in or (bool(pending) and pooled.distinct < ROUGH_BELOW)
+        return Estimate(max(total, max(left, default=0.0)), rough=rough)
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Seconds left (None: unknown) and whether the runs not started are predicted from fewer
-    than `ROUGH_BELOW` distinct run costs (`rough`, shown as `~`)."""
+    """Seconds left (None: unknown) and whether they are rough (`~`): the runs not started
+    predicted from fewer than `ROUGH_BELOW` distinct run costs, or a group past the model
+    standing in by its first report."""
 
     seconds: float | None
     rough: bool

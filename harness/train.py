@@ -99,7 +99,7 @@ def prepared_inputs(
     dataset: Dataset, *, preprocess: str, images: bool, loss: str, validation_split: float
 ) -> PreparedInputs:
     """Scaled inputs (`images`: N,H,W,C; else flat) and targets for `loss` of `dataset`, the last
-    `validation_split` of the training arrays held out (Keras' own convention). Cached for the
+    `validation_split` of the training arrays held out (`data.split_sizes`). Cached for the
     worker's next runs."""
     key = (dataset.fingerprint, preprocess, images, loss, validation_split)
     if key not in _PREPARED:

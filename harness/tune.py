@@ -170,7 +170,7 @@ def run_search(job: TuneJob) -> TuneResult:
 
     from harness.builders import BuilderError, load_builder, target_loss
     from harness.data import load_dataset
-    from harness.data import prepare_inputs, prepare_targets
+    from harness.data import prepare_inputs, prepare_targets, split_sizes
 
     variant = job.variant
     config = variant.model
@@ -202,9 +202,9 @@ def run_search(job: TuneJob) -> TuneResult:
     images = config.inputs == "images"
     x_all = prepare_inputs(dataset.x_train, preprocess=config.preprocess, images=images)
     y_all = prepare_targets(dataset.y_train, loss=loss_kind, num_classes=dataset.num_classes)
-    n_val = int(round(len(x_all) * variant.validation_split))
-    x_fit, y_fit = x_all[:-n_val], y_all[:-n_val]
-    validation = (x_all[-n_val:], y_all[-n_val:])  # the same split every seeded run validates on (the last part)
+    n_fit, _n_val = split_sizes(len(x_all), variant.validation_split)
+    x_fit, y_fit = x_all[:n_fit], y_all[:n_fit]
+    validation = (x_all[n_fit:], y_all[n_fit:])  # the same split every seeded run validates on (the last part)
 
     common = dict(
         hypermodel=build,

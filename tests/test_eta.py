@@ -286,5 +286,39 @@ def test_a_group_past_the_model_with_one_report_is_estimated_from_it() -> None:
     reported = [Running("cpu.0", cnn, 60.0, None, 1, 200.0)]
     assert tracker.eta_s(pending=[], running=reported, slots=1) == pytest.approx(140.0)
     assert tracker.eta_s(pending=[], running=[Running("cpu.0", cnn, 60.0)], slots=1) is None
+    assert tracker.estimate(pending=[], running=reported, slots=1).rough  # a pessimistic stand-in
     # where the model is not past, it decides (the first report's time holds the setup)
     assert tracker.eta_s(pending=[], running=[Running("cpu.0", cnn, 10.0, None, 1, 200.0)], slots=1) == pytest.approx(10.0)
+    # past the stand-in too: unknown, not a count-down stuck at zero
+    assert tracker.eta_s(pending=[], running=[Running("cpu.0", cnn, 201.0, None, 1, 200.0)], slots=1) is None
+
+
+def test_progress_stands_in_for_a_group_past_the_model_by_its_first_report(tmp_path, data_dir) -> None:
+    """Runs of the other variant finished fast; the CNN group has one report (25% at 50 s by its
+    worker's clock): 200 s in all, so 140 s left at 60 s, shown rough; at 230 s, unknown."""
+    import io
+
+    from harness.sweep import Progress, prepare_sweep
+    from harness.spec import load_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2))), data_dir=data_dir)
+    mlp = [r for r in prepared.runs if r.variant.name == "mlp_32"]
+    cnn = [r for r in prepared.runs if r.variant.name == "cnn_8"]
+    now = [0.0]
+    progress = Progress(prepared.runs, stream=io.StringIO(), clock=lambda: now[0])
+    for run in mlp:
+        progress.started(run, "cpu.0")
+        now[0] += 1.0
+        progress.finished(run.record(RunStatus.DONE, timings={"wall_s": 1.0}, metrics={"test_accuracy": 0.9}))
+    start = now[0]
+    for run in cnn:
+        progress.started(run, "cpu.0")
+    now[0] = start + 60.0
+    assert progress.eta_s() is None  # past the model, nothing reported
+    progress.advanced([r.run_id for r in cnn], 0.25, age_s=50.0)
+    estimate = progress.estimate()
+    assert estimate.seconds == pytest.approx(140.0) and estimate.rough
+    now[0] = start + 230.0
+    assert progress.eta_s() is None
