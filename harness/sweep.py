@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
+from harness.backends import model_kind
 from harness.contracts import sweep_info  # noqa: F401 - re-exported for harness.execute
 from harness.errors import SpecError
 from harness.data import Dataset, configured_data_dir, load_dataset, split_sizes
@@ -172,6 +173,8 @@ class Progress:
         # fraction of its epochs done), the first and the latest)
         self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
         self._remembered: set[str] = set()  # run ids of `remember`ed runs
+        self._seen_kinds: set[str] = set()  # model kinds (`backends.model_kind`) of those
+        self.kinds = {r.run_id: model_kind(r.variant.model) for r in runs}
         self.slots = 1  # the most devices seen busy at once (a fused group is one)
         self.stream = stream or sys.stderr
         self.clock = clock
@@ -217,7 +220,15 @@ class Progress:
             first = reports[0][0] / reports[0][1] if len(reports) == 1 and reports[0][1] > 0 else None
             running.append(Running(device, self.costs[run_id], now - self.started_at.get(run_id, now),
                                    extrapolate(reports), size, first))
-        return self.tracker.estimate(pending=pending, running=running, slots=self.slots)
+        estimate = self.tracker.estimate(pending=pending, running=running, slots=self.slots)
+        # steps and FLOPs cannot tell a CNN from an MLP: while a kind of model among the runs not
+        # started has not trained here yet (finished, or paced), its prediction is a guess
+        seen = set(self._seen_kinds) | {self.kinds.get(i) for i, s in self.results.items() if not s.is_failure()}
+        seen |= {self.kinds.get(i) for i, (_size, reports) in self.paces.items() if extrapolate(reports) is not None}
+        unseen = {self.kinds.get(i) for i in self.costs if i not in self.results and i not in self.running} - seen
+        if unseen and estimate.seconds is not None and not estimate.rough:
+            return dataclasses.replace(estimate, rough=True)
+        return estimate
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
         """Runs finished before this sweep started (`finished_runs`): the ETA knows from the
@@ -225,6 +236,7 @@ class Progress:
         for run in finished:
             if run.run_id not in self.results and run.run_id not in self._remembered:
                 self._remembered.add(run.run_id)
+                self._seen_kinds.add(run.kind)
                 self.tracker.observe(HISTORY_DEVICE, run.cost, run.seconds)
 
     def advanced(self, run_ids: Sequence[str], done: float, *, age_s: float | None = None) -> None:
@@ -377,6 +389,7 @@ class FinishedRun:
     variant_id: str
     cost: Any  # harness.eta.RunCost
     seconds: float
+    kind: str = ""  # `backends.model_kind`: dense, conv or builder
 
 
 def finished_runs(runs: Sequence[PlannedRun], store: ResultStore, *, device_kind: str) -> list[FinishedRun]:
@@ -389,7 +402,9 @@ def finished_runs(runs: Sequence[PlannedRun], store: ResultStore, *, device_kind
         seconds = record.timings.get("wall_s", 0.0)
         on_cpu = record.device.startswith("cpu")
         if record.status is RunStatus.DONE and seconds > 0 and math.isfinite(seconds) and on_cpu == (device_kind == "cpu"):
-            out.append(FinishedRun(record.run_id, record.variant_id, planned_cost(by_id[record.run_id]), float(seconds)))
+            run = by_id[record.run_id]
+            out.append(FinishedRun(record.run_id, record.variant_id, planned_cost(run), float(seconds),
+                                   model_kind(run.variant.model)))
     return out
 
 
