@@ -155,10 +155,9 @@ def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: Cost
             if error < best[0] * (1 - 1e-9) - 1e-12:
                 best = (error, subset)
     if best[1] is not None:
-        coefs = _fit_subset(best[1], points)
-        if coefs is not None:
-            values = {name: coefs.get(name, 0.0) for name in _FEATURES}
-            return CostModel(**values, source=f"fit ({len(obs)} runs)", distinct=len(points))
+        fitted = _fit_subset(best[1], points, source=f"fit ({len(obs)} runs)")
+        if fitted is not None:
+            return dataclasses.replace(fitted, distinct=len(points))
     return _scaled_prior(points, prior, distinct=len(points), runs=len(obs))
 
 
@@ -172,14 +171,16 @@ def _scaled_prior(
     )
 
 
-def _fit_subset(subset: tuple[str, ...], obs: Sequence[tuple[RunCost, float]]) -> dict[str, float] | None:
-    """Least squares of time on the `subset` features; None when singular or a coefficient is negative."""
+def _fit_subset(subset: tuple[str, ...], obs: Sequence[tuple[RunCost, float]], *, source: str = "fit") -> CostModel | None:
+    """Least squares of time on the `subset` features (the others 0); None when singular or a
+    coefficient is negative."""
     columns = {"intercept_s": lambda c: 1.0, "step_s": lambda c: float(c.steps), "flop_s": lambda c: float(c.flops)}
     rows = [[columns[name](c) for name in subset] for c, _ in obs]
     coefs = _lstsq(rows, [s for _, s in obs])
     if coefs is None or any(c < 0 for c in coefs):
         return None
-    return dict(zip(subset, coefs))
+    values = dict.fromkeys(_FEATURES, 0.0) | dict(zip(subset, coefs))
+    return CostModel(**values, source=source)
 
 
 def _loo_error(subset: tuple[str, ...] | None, points: Sequence[tuple[RunCost, float]], prior: CostModel) -> float:
@@ -190,14 +191,10 @@ def _loo_error(subset: tuple[str, ...] | None, points: Sequence[tuple[RunCost, f
     total = 0.0
     for index, (cost, seconds) in enumerate(points):
         others = [p for i, p in enumerate(points) if i != index]
-        if subset is None:
-            predicted = _scaled_prior(others, prior, distinct=0).predict(cost)
-        else:
-            coefs = _fit_subset(subset, others)
-            if coefs is None:
-                return math.inf
-            predicted = sum(coefs.get(name, 0.0) * value for name, value in
-                            (("intercept_s", 1.0), ("step_s", cost.steps), ("flop_s", cost.flops)))
+        model = _scaled_prior(others, prior, distinct=0) if subset is None else _fit_subset(subset, others)
+        if model is None:
+            return math.inf
+        predicted = model.predict(cost)
         if predicted <= 0:
             return math.inf
         total += math.log(predicted / seconds) ** 2

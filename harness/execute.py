@@ -181,8 +181,8 @@ def order_groups(
     groups: Sequence[tuple[PlannedRun, ...]], known: Expectation | None = None
 ) -> list[tuple[PlannedRun, ...]]:
     """Longest first (`sweep.expected_seconds`: steps and FLOPs, or what `known` says from the
-    store's runs finished here), the backend with the most runs first, so workers rarely restart for another Keras
-    backend and no long group starts last."""
+    store's runs finished here), the backend with the most runs first, so workers rarely restart
+    for another Keras backend and no long group starts last."""
     per_backend = collections.Counter(backend_of(g[0]) for g in groups for _ in g)
     rank = {b: i for i, (b, _n) in enumerate(sorted(per_backend.items(), key=lambda item: (-item[1], item[0])))}
     return sorted(groups, key=lambda g: (rank[backend_of(g[0])], -sum(expected_seconds(r, known) for r in g)))

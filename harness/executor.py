@@ -93,7 +93,12 @@ class GroupProgress:
     elapsed_s: float | None = None
 
 
-def progress_sink(send: Callable[[GroupProgress], None], group_id: int, *, every_s: float) -> "heartbeat.Sink":
+PROGRESS_EVERY_S = 1.0  # at most one progress message a second per worker (epochs may be milliseconds)
+
+
+def progress_sink(
+    send: Callable[[GroupProgress], None], group_id: int, *, every_s: float = PROGRESS_EVERY_S
+) -> "heartbeat.Sink":
     """A `harness.heartbeat` sink for a worker's group: `send`s its progress with the seconds
     since this sink was made (the group's start), at most every `every_s` seconds."""
     start = time.monotonic()

@@ -54,7 +54,6 @@ from harness.executor import (
 )
 from harness.records import RunRecord
 
-PROGRESS_EVERY_S = 1.0  # at most one progress post per second per actor
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's switch for a loopback-only node
 
 
@@ -232,7 +231,7 @@ class RayTrainer:
 
     def train_group(self, group_id: int, runs: tuple) -> list[str]:
         try:
-            with heartbeat.reporting(progress_sink(self._post, group_id, every_s=PROGRESS_EVERY_S)):
+            with heartbeat.reporting(progress_sink(self._post, group_id)):
                 records = check_records(runs, self.train(runs, self.dataset))
         except Exception:  # noqa: BLE001 - a group trainer that raised
             records = [failed_record(run, traceback.format_exc()) for run in runs]

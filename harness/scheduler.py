@@ -88,9 +88,6 @@ class GroupDone:
 
 
 WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-PROGRESS_EVERY_S = 1.0  # at most one progress message per second (epochs may be milliseconds)
-
-
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -141,7 +138,7 @@ def worker_main(
         if not isinstance(message, TrainGroup):
             return
         try:
-            with heartbeat.reporting(progress_sink(conn.send, message.group_id, every_s=PROGRESS_EVERY_S)):
+            with heartbeat.reporting(progress_sink(conn.send, message.group_id)):
                 records = check_records(message.runs, train(message.runs, _load(message.source, message.runs)))
         except Exception:  # noqa: BLE001 - a group trainer that raised, or data that cannot load
             records = [failed_record(run, traceback.format_exc()) for run in message.runs]
@@ -313,19 +310,16 @@ class LocalPoolExecutor(SlotPool):
         events, self._events = self._events, []
         return events
 
-    def _receive(self, worker: _Worker) -> None:
-        """Every message waiting in the worker's pipe (progress may queue ahead of a result)."""
-        while True:
-            try:
+    def _receive(self, worker: _Worker, *, results_only: bool = False) -> None:
+        """Every message waiting in the worker's pipe (progress may queue ahead of a result); of a
+        dead worker, only its group's records. A closed pipe ends it: the sentinel reports the death."""
+        try:
+            while worker.conn.poll():
                 message = worker.conn.recv()
-            except (EOFError, OSError):
-                return  # the sentinel reports the death
-            self._handle(worker, message)
-            try:
-                if not worker.conn.poll():
-                    return
-            except (EOFError, OSError):
-                return
+                if not results_only or isinstance(message, GroupDone):
+                    self._handle(worker, message)
+        except (EOFError, OSError):
+            return
 
     def _handle(self, worker: _Worker, message: object) -> None:
         now = self.clock()
@@ -344,13 +338,7 @@ class LocalPoolExecutor(SlotPool):
             self._events.append(RecordsReturned(message.group_id, records))
 
     def _died(self, worker: _Worker) -> None:
-        try:  # its group's records, sent before it died (queued behind progress), still count
-            while worker.conn.poll():
-                message = worker.conn.recv()
-                if isinstance(message, GroupDone):
-                    self._handle(worker, message)
-        except (EOFError, OSError):
-            pass
+        self._receive(worker, results_only=True)  # records it sent before it died still count
         worker.process.join(timeout=1)
         how = signal_name(worker.process.exitcode)
         if worker.group is None and not worker.ready:

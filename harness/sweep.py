@@ -207,7 +207,8 @@ class Progress:
         """`harness.eta.Estimate`: seconds left (see `eta_s`) and whether they are rough."""
         from harness.eta import Estimate, Running, extrapolate
 
-        paced = any(extrapolate(reports) is not None for _size, reports in self.paces.values())
+        totals = {run_id: extrapolate(reports) for run_id, (_size, reports) in self.paces.items()}
+        paced = {run_id for run_id, total in totals.items() if total is not None}
         if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
             return Estimate(None, rough=True)
         now = self.clock()
@@ -219,12 +220,12 @@ class Progress:
             size, reports = self.paces.get(run_id, (1, []))
             first = reports[0][0] / reports[0][1] if len(reports) == 1 and reports[0][1] > 0 else None
             running.append(Running(device, self.costs[run_id], now - self.started_at.get(run_id, now),
-                                   extrapolate(reports), size, first))
+                                   totals.get(run_id), size, first))
         estimate = self.tracker.estimate(pending=pending, running=running, slots=self.slots)
         # steps and FLOPs cannot tell a CNN from an MLP: while a kind of model among the runs not
         # started has not trained here yet (finished, or paced), its prediction is a guess
         seen = set(self._seen_kinds) | {self.kinds.get(i) for i, s in self.results.items() if not s.is_failure()}
-        seen |= {self.kinds.get(i) for i, (_size, reports) in self.paces.items() if extrapolate(reports) is not None}
+        seen |= {self.kinds.get(i) for i in paced}
         unseen = {self.kinds.get(i) for i in self.costs if i not in self.results and i not in self.running} - seen
         if unseen and estimate.seconds is not None and not estimate.rough:
             return dataclasses.replace(estimate, rough=True)
@@ -295,8 +296,7 @@ class Progress:
         )
 
     def counts(self) -> str:
-        """The counts and the ETA: `?` unknown, `~` rough (the runs not started are predicted by
-        the prior scaled to the few runs seen: see `harness.eta.Estimate`)."""
+        """The counts and the ETA: `?` unknown, `~` rough (see `estimate` and `harness.eta.Estimate`)."""
         estimate = self.estimate()
         eta = "?" if estimate.seconds is None else ("~" if estimate.rough else "") + _fmt_duration(estimate.seconds)
         return (
