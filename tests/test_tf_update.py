@@ -139,6 +139,12 @@ CHOICES = """
         "adam": keras.optimizers.Adam(learning_rate=0.003),
     }
     out["kinds"] = {k: type(tf_update.flat_optimizer(v)).__name__ for k, v in candidates.items()}
+    # Another group's optimizer: a new name ("adam_3"), the same arithmetic, checked once.
+    before = tf_update.verified.cache_info().misses
+    again = [tf_update.flat_optimizer(keras.optimizers.Adam()) for _ in range(2)]
+    out["again"] = [type(o).__name__ for o in again]
+    out["checks_again"] = tf_update.verified.cache_info().misses - before
+    out["names_differ"] = len({o.name for o in again}) == 2
 
     a, b = keras.Variable([1.0, 2.0]), keras.Variable([3.0])
     adam.apply([tf.constant([0.1, 0.2]), tf.constant([0.3])], [a, b])
@@ -169,6 +175,11 @@ def test_the_check_leaves_the_global_seed_alone(choices: dict) -> None:
 
 def test_only_checked_optimizers_and_fresh_ones_are_flattened(choices: dict) -> None:
     assert choices["kinds"] == {"rmsprop": "RMSprop", "sgd": "SGD", "subclass": "MyAdam", "built": "Adam", "adam": "FlatAdam"}
+
+
+def test_each_configuration_is_checked_once_per_process_whatever_the_optimizers_name(choices: dict) -> None:
+    assert choices["names_differ"] and choices["again"] == ["FlatAdam", "FlatAdam"]
+    assert choices["checks_again"] == 0  # Adam() was checked above, under another name
 
 
 def test_a_flat_update_refuses_a_step_that_skips_a_variable(choices: dict) -> None:
