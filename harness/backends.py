@@ -46,6 +46,10 @@ _MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 # Several runs share one GPU: each worker takes at most this share of it (JAX preallocates 75%
 # by default, which would starve the second worker).
 GPU_MEMORY_SHARE = 0.9
+# A GPU worker is told its share of the device's memory in bytes (`devices.gpu_worker_memory_bytes`,
+# the figure the fusion width was planned with), so that it holds its training inputs on the device
+# only where the planner counted them there (`fused.device_inputs_limit`).
+DEVICE_MEMORY_ENV = "HARNESS_DEVICE_MEMORY_BYTES"
 
 
 class BackendNotInstalled(UserError):
@@ -115,6 +119,13 @@ def thread_env(backend: str, threads: int) -> list[tuple[str, str]]:
     return env
 
 
+def worker_memory_bytes() -> int | None:
+    """This worker's share of its GPU's memory in bytes (`DEVICE_MEMORY_ENV`); None when not told
+    (a CPU worker, a GPU of unknown size) or not a positive whole number."""
+    value = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def gpu_env(backend: str, *, runs_per_gpu: int = 1) -> list[tuple[str, str]]:
     """Environment that lets `runs_per_gpu` workers of `backend` share one GPU."""
     share = f"{GPU_MEMORY_SHARE / max(1, runs_per_gpu):.3f}"
@@ -138,9 +149,11 @@ def determinism_env(backend: str) -> list[tuple[str, str]]:
 
 
 def worker_env(
-    backend: str, *, threads: int, gpu: int | None = None, runs_per_gpu: int = 1, deterministic: bool = False
+    backend: str, *, threads: int, gpu: int | None = None, runs_per_gpu: int = 1, deterministic: bool = False,
+    memory_bytes: int | None = None,
 ) -> tuple[tuple[str, str], ...]:
-    """The whole environment of a worker of `backend`: set before Keras is imported there."""
+    """The whole environment of a worker of `backend`: set before Keras is imported there (a GPU
+    worker's with `memory_bytes`, its share of the device's memory, when known)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Keras backend {backend!r}")
     env = [("KERAS_BACKEND", backend)]
@@ -151,6 +164,8 @@ def worker_env(
     else:
         env.append(("CUDA_VISIBLE_DEVICES", str(gpu)))
         env += gpu_env(backend, runs_per_gpu=runs_per_gpu)
+        if memory_bytes:
+            env.append((DEVICE_MEMORY_ENV, str(int(memory_bytes))))
         if deterministic:
             env += determinism_env(backend)
     env += thread_env(backend, threads)

@@ -18,7 +18,7 @@ import os
 import subprocess
 from typing import Callable, Sequence
 
-from harness.backends import DEFAULT_BACKEND, worker_env
+from harness.backends import DEFAULT_BACKEND, GPU_MEMORY_SHARE, worker_env
 from harness.errors import UserError
 
 WORKER_MEMORY_GIB = 2.0  # a TF worker with MNIST in memory stays well under this
@@ -89,6 +89,7 @@ class WorkerSlot:
     runs_per_gpu: int = 1
     deterministic: bool = False  # deterministic GPU ops asked for in the env
     cpus: tuple[int, ...] = ()  # the host cores it is pinned to (empty: not pinned)
+    memory_bytes: int | None = None  # a GPU worker's share of its device's memory, when known (in env)
 
     def environ(self) -> dict[str, str]:
         env = dict(self.env)
@@ -103,9 +104,21 @@ class WorkerSlot:
     def for_backend(self, backend: str) -> "WorkerSlot":
         """The same place (device, threads) for a worker of another Keras backend."""
         env = worker_env(
-            backend, threads=self.threads, gpu=self.gpu, runs_per_gpu=self.runs_per_gpu, deterministic=self.deterministic
+            backend, threads=self.threads, gpu=self.gpu, runs_per_gpu=self.runs_per_gpu, deterministic=self.deterministic,
+            memory_bytes=self.memory_bytes,
         )
         return dataclasses.replace(self, backend=backend, env=env)
+
+
+def gpu_worker_memory_bytes(gpus: Sequence[Gpu], runs_per_gpu: int) -> int | None:
+    """A GPU worker's share of its device's memory (the smallest GPU's, as nvidia-smi lists it;
+    the share its backend is told, `backends.GPU_MEMORY_SHARE` / runs per GPU); None when no GPU
+    or a size unknown. The fusion width is planned with it, and each GPU worker is told it
+    (`backends.DEVICE_MEMORY_ENV`)."""
+    sizes = [int(getattr(gpu, "memory_mib", 0) or 0) for gpu in gpus]
+    if not sizes or min(sizes) <= 0:
+        return None
+    return int(min(sizes) * 2**20 * GPU_MEMORY_SHARE / max(1, runs_per_gpu))
 
 
 def parse_nvidia_smi(text: str) -> list[Gpu]:
@@ -208,6 +221,7 @@ def plan_workers(
         chosen = [known[i] for i in use_gpus]
 
     if chosen:
+        memory = gpu_worker_memory_bytes(gpus, runs_per_gpu)  # what the fusion width is planned with
         total = workers or min(len(chosen) * runs_per_gpu, max(pending, len(chosen)))
         per_thread = threads or max(1, cpu_count // max(1, min(total, len(chosen) * runs_per_gpu)))
         slots = []
@@ -216,10 +230,12 @@ def plan_workers(
                 if len(slots) >= total:
                     break
                 env = worker_env(
-                    backend, threads=per_thread, gpu=gpu.index, runs_per_gpu=runs_per_gpu, deterministic=deterministic
+                    backend, threads=per_thread, gpu=gpu.index, runs_per_gpu=runs_per_gpu, deterministic=deterministic,
+                    memory_bytes=memory,
                 )
                 slots.append(
-                    WorkerSlot(f"gpu{gpu.index}.{k}", f"gpu:{gpu.index}", per_thread, env, backend, runs_per_gpu, deterministic)
+                    WorkerSlot(f"gpu{gpu.index}.{k}", f"gpu:{gpu.index}", per_thread, env, backend, runs_per_gpu, deterministic,
+                               memory_bytes=memory)
                 )
         return slots
 

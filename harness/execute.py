@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from harness.devices import gpu_worker_memory_bytes
 from harness.errors import UserError
 from harness.executor import (
     DEFAULT_TRAIN_FN,
@@ -150,18 +151,6 @@ def fuse_width(
     from harness.fusion import fuse_width as width_of
 
     return lambda run: width_of(fuse, [run], device_kind=device_kind, memory_bytes=memory_bytes)
-
-
-def gpu_worker_memory_bytes(gpus: Sequence[Any], runs_per_gpu: int) -> int | None:
-    """A GPU worker's share of its device's memory (the smallest GPU's, as nvidia-smi lists it;
-    the share its backend is told, `backends.GPU_MEMORY_SHARE` / runs per GPU); None when no GPU
-    or a size unknown."""
-    from harness.backends import GPU_MEMORY_SHARE
-
-    sizes = [int(getattr(gpu, "memory_mib", 0) or 0) for gpu in gpus]
-    if not sizes or min(sizes) <= 0:
-        return None
-    return int(min(sizes) * 2**20 * GPU_MEMORY_SHARE / max(1, runs_per_gpu))
 
 
 def form_groups(runs: Sequence[PlannedRun], width: int | Callable[[PlannedRun], int]) -> list[tuple[PlannedRun, ...]]:
@@ -608,7 +597,7 @@ def make_executor(
 
         return RayExecutor.for_cluster(
             spec=spec, options=options, backend=machine.first_backend, pending=pending, dataset=dataset,
-            owns_cluster=owns_cluster,
+            owns_cluster=owns_cluster, memory_bytes=gpu_worker_memory_bytes(machine.gpus, options.runs_per_gpu),
         )
     from harness.scheduler import LocalPoolExecutor
 

@@ -41,6 +41,10 @@ _LOGGED = {"loss": LOSS_METRIC, "accuracy": "accuracy"}
 # device transfer per batch (MLP 64x5 on raw MNIST, 5 copies, batch 32: the host copies alone took
 # 2 s of each 5 s epoch under JAX on one core). Larger data sets are fed from host memory as before.
 DEVICE_INPUTS_MAX_BYTES = 2 * 2**30
+# On a GPU worker told its share of the device's memory (`backends.DEVICE_MEMORY_ENV`), the inputs
+# are held there only if they take at most this part of it: the rest is for the copies (several
+# workers share a GPU, each with its own copy of the inputs).
+DEVICE_INPUTS_SHARE = 0.5
 # A vocabulary group's optimizer updates all its variables in one compiled call where that gives
 # Keras' own bits (`train.make_optimizer`, `harness.tf_update`: TensorFlow and Adam). Measured
 # one group at a time on one core, one epoch (benchmarks/bench_flat_update.py): training 1.3-1.7x
@@ -51,6 +55,15 @@ FLAT_UPDATE = True
 # 0.2 s with Keras loaded): its models are reference cycles old enough to sit in the oldest
 # generation, which the worker's cheap release does not reach, and they hold the device copy.
 FULL_COLLECT_BYTES = 64 * 2**20
+
+
+def device_inputs_limit(memory_bytes: int | None) -> int:
+    """The largest training inputs (bytes) a group holds on its device: `DEVICE_INPUTS_MAX_BYTES`,
+    and on a GPU worker with `memory_bytes` of its device at most `DEVICE_INPUTS_SHARE` of that.
+    The planner (`fusion.inputs_on_device`) and the worker apply the same rule to the same figure."""
+    if memory_bytes is None:
+        return DEVICE_INPUTS_MAX_BYTES
+    return min(DEVICE_INPUTS_MAX_BYTES, int(memory_bytes * DEVICE_INPUTS_SHARE))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -395,7 +408,9 @@ def _train_fused(
         train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
     )
     optimizer = make_optimizer(config.optimizer, flat_update=FLAT_UPDATE and layout is not None)
-    on_device = inputs.x_fit.nbytes <= DEVICE_INPUTS_MAX_BYTES
+    from harness.backends import worker_memory_bytes
+
+    on_device = inputs.x_fit.nbytes <= device_inputs_limit(worker_memory_bytes())
     about["device_bytes"] = inputs.x_fit.nbytes if on_device else 0
     trainer = fed_by_rows(copies, inputs.x_fit) if on_device else model
     compile_fused(

@@ -131,9 +131,11 @@ def ray_slots(
     workers: int | None = None,
     threads: int | None = None,
     deterministic: bool = False,
+    memory_bytes: int | None = None,
 ) -> list[WorkerSlot]:
     """Actors for a cluster with `resources` (`ray.cluster_resources()`): with GPUs, runs_per_gpu
-    actors per GPU; otherwise one actor per `threads` CPUs. Never more actors than pending runs."""
+    actors per GPU, each told `memory_bytes` (the GPU memory share the fusion width was planned
+    with, when known); otherwise one actor per `threads` CPUs. Never more actors than pending runs."""
     from harness.backends import worker_env
 
     gpus = int(resources.get("GPU", 0))
@@ -143,11 +145,11 @@ def ray_slots(
         count = min(workers or gpus * runs_per_gpu, pending)
         env = tuple(
             (k, v) for k, v in worker_env(backend, threads=threads, gpu=0, runs_per_gpu=runs_per_gpu,
-                                          deterministic=deterministic)
+                                          deterministic=deterministic, memory_bytes=memory_bytes)
             if k != "CUDA_VISIBLE_DEVICES"  # Ray sets it for each actor
         )
-        return [WorkerSlot(f"ray-gpu.{i}", "ray:gpu", threads, env, backend, runs_per_gpu, deterministic)
-                for i in range(count)]
+        return [WorkerSlot(f"ray-gpu.{i}", "ray:gpu", threads, env, backend, runs_per_gpu, deterministic,
+                           memory_bytes=memory_bytes) for i in range(count)]
     cpus = int(resources.get("CPU", 1))
     count = min(workers or max(1, cpus // threads), pending)
     env = worker_env(backend, threads=threads, deterministic=deterministic)
@@ -160,7 +162,7 @@ def _slot_for_backend(slot: WorkerSlot, backend: str) -> WorkerSlot:
     gpu = 0 if slot.device == "ray:gpu" else None
     env = tuple(
         (k, v) for k, v in worker_env(backend, threads=slot.threads, gpu=gpu, runs_per_gpu=slot.runs_per_gpu,
-                                      deterministic=slot.deterministic)
+                                      deterministic=slot.deterministic, memory_bytes=slot.memory_bytes)
         if not (gpu is not None and k == "CUDA_VISIBLE_DEVICES")
     )
     return dataclasses.replace(slot, backend=backend, env=env)
@@ -298,12 +300,16 @@ class RayExecutor(SlotPool):
         self._board_ref: Any = None
 
     @classmethod
-    def for_cluster(cls, *, spec, options, backend: str, pending: int, dataset, owns_cluster: bool) -> "RayExecutor":
-        """Actors sized to the connected cluster (`connect` first)."""
+    def for_cluster(
+        cls, *, spec, options, backend: str, pending: int, dataset, owns_cluster: bool, memory_bytes: int | None = None
+    ) -> "RayExecutor":
+        """Actors sized to the connected cluster (`connect` first); GPU actors are told
+        `memory_bytes`, the share of GPU memory the fusion width was planned with."""
         ray = import_ray()
         slots = ray_slots(
             ray.cluster_resources(), pending=pending, backend=backend, runs_per_gpu=options.runs_per_gpu,
             workers=options.workers, threads=options.threads, deterministic=spec.deterministic,
+            memory_bytes=memory_bytes,
         )
         return cls(slots, dataset=dataset, trainer=options.trainer, owns_cluster=owns_cluster)
 

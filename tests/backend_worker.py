@@ -24,6 +24,10 @@ def _serve(conn, env: dict[str, str]) -> None:
         dataset = load_dataset(ref, subset=subset, data_dir=data_dir)
         from harness import fused
 
+        settings = dict(settings)
+        environ = settings.pop("environ", {})  # the worker's environment, for this call only
+        saved_environ = {name: os.environ.get(name) for name in environ}
+        os.environ.update(environ)
         saved = {name: getattr(fused, name) for name in settings}
         for name, value in settings.items():  # module constants of harness.fused, for this call only
             setattr(fused, name, value)
@@ -35,6 +39,11 @@ def _serve(conn, env: dict[str, str]) -> None:
         finally:
             for name, value in saved.items():
                 setattr(fused, name, value)
+            for name, value in saved_environ.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 class BackendTrainer:
@@ -54,7 +63,8 @@ class BackendTrainer:
         return RunRecord.from_json(self.conn.recv())
 
     def train_group(self, runs: list, prepared: Any, settings: dict[str, Any] | None = None) -> list[RunRecord]:
-        """Train a group fused; `settings`: constants of `harness.fused` set for this call only."""
+        """Train a group fused; `settings`: constants of `harness.fused` set for this call only
+        (and under "environ", variables of the worker's environment)."""
         self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir, settings or {}))
         return [RunRecord.from_json(text) for text in self.conn.recv()]
 

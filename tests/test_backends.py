@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import backends
-from harness.backends import BackendNotInstalled, choose_backend, worker_env
+from harness.backends import DEVICE_MEMORY_ENV, BackendNotInstalled, choose_backend, worker_env
 from harness.devices import parse_nvidia_smi, plan_workers
 from harness.plan import BackendContext, sweep_backends
 from harness.spec import load_sweep
@@ -80,6 +80,34 @@ def test_a_slot_moves_to_another_backend_in_place() -> None:
     assert (moved.name, moved.device, moved.threads, moved.gpu) == (slot.name, slot.device, slot.threads, 1)
     assert moved.environ()["KERAS_BACKEND"] == "jax" and moved.environ()["CUDA_VISIBLE_DEVICES"] == "1"
     assert moved.environ()["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    assert moved.environ()[DEVICE_MEMORY_ENV] == slot.environ()[DEVICE_MEMORY_ENV]
+
+
+def test_each_gpu_worker_is_told_the_memory_share_the_groups_were_planned_with(monkeypatch) -> None:
+    """The figure the fusion width is planned with (`gpu_worker_memory_bytes`: the smallest GPU's
+    share) reaches every GPU worker, whichever GPU it has and whichever backend it moves to; a
+    CPU worker, or a GPU of unknown size, is told nothing."""
+    from harness.backends import worker_memory_bytes
+    from harness.devices import gpu_worker_memory_bytes, parse_nvidia_smi
+
+    gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559\n1, NVIDIA A100-SXM4-40GB, 40960\n")
+    share = gpu_worker_memory_bytes(gpus, 3)
+    assert share == int(40960 * 2**20 * 0.9 / 3)
+    for backend in ("tensorflow", "jax", "torch"):
+        slots = plan_workers(gpus=gpus, pending=100, cpu_count=16, runs_per_gpu=3, backend=backend)
+        assert len(slots) == 6 and all(s.memory_bytes == share for s in slots)
+        assert all(s.environ()[DEVICE_MEMORY_ENV] == str(share) for s in slots)
+    assert all(DEVICE_MEMORY_ENV not in s.environ() for s in plan_workers(gpus=[], pending=4, cpu_count=4))
+    unknown = plan_workers(gpus=parse_nvidia_smi("0, some GPU, 0\n"), pending=4, cpu_count=4)
+    assert all(DEVICE_MEMORY_ENV not in s.environ() and s.memory_bytes is None for s in unknown)
+    # the worker's side
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, str(share))
+    assert worker_memory_bytes() == share
+    for junk in ("", "0", "-5", "1e9", "lots"):
+        monkeypatch.setenv(DEVICE_MEMORY_ENV, junk)
+        assert worker_memory_bytes() is None, junk
+    monkeypatch.delenv(DEVICE_MEMORY_ENV)
+    assert worker_memory_bytes() is None
 
 
 def test_auto_uses_the_measurement_then_the_documented_fallback() -> None:

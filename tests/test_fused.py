@@ -270,6 +270,28 @@ def test_inputs_held_on_the_device_train_exactly_as_inputs_fed_from_the_host(
     assert on_device[0].history["loss"] != on_device[1].history["loss"]
 
 
+def test_a_gpu_worker_holds_its_inputs_on_the_device_only_within_its_share(tmp_path: Path, data_dir: Path, train_on) -> None:
+    """A worker told its share of GPU memory (simulated here: the variable a GPU worker gets)
+    holds the group's inputs on the device only if they take at most half of it, as the planner
+    assumed (`fusion.inputs_on_device`); fed from the host instead, the same bits."""
+    from harness.backends import DEVICE_MEMORY_ENV
+    from harness.fusion import input_bytes, inputs_on_device
+
+    spec = load_sweep(write_sweep(tmp_path / "rows.yaml", ON_DEVICE_SWEEP))
+    prepared = prepare_sweep(spec.with_overrides(keras_backend="tensorflow"), data_dir=data_dir)
+    runs = list(prepared.runs)
+    inputs = input_bytes(runs[0])
+    roomy, tight = 2 * inputs, 2 * inputs - 2
+    assert inputs_on_device(runs[0], roomy) and not inputs_on_device(runs[0], tight)
+    held = train_on("tensorflow", runs, prepared, {"environ": {DEVICE_MEMORY_ENV: str(roomy)}})
+    fed = train_on("tensorflow", runs, prepared, {"environ": {DEVICE_MEMORY_ENV: str(tight)}})
+    assert [r.status for r in held + fed] == [RunStatus.DONE] * 4, held[0].error
+    assert [r.metrics["inputs_on_device"] for r in held + fed] == [True, True, False, False]
+    for mine, theirs in zip(held, fed):
+        assert mine.history == theirs.history
+        assert (mine.test_accuracy, mine.metrics["test_loss"]) == (theirs.test_accuracy, theirs.metrics["test_loss"])
+
+
 def test_a_group_trained_with_the_flat_update_ends_with_keras_own_bits(tmp_path: Path, data_dir: Path, train_on) -> None:
     """TensorFlow: a group's records with the flat compiled optimizer update (the default,
     `harness.tf_update`) equal those of Keras' own update to the last bit (batch norm, dropout,

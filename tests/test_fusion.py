@@ -36,13 +36,35 @@ def test_memory_limits_the_auto_width(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_inputs_too_large_for_the_device_count_per_copy(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
-    import harness.fusion
+    import harness.fused
 
     runs = _runs(tmp_path, data_dir)
     on_device = copy_memory_bytes(runs[0])
-    monkeypatch.setattr(harness.fusion, "DEVICE_INPUTS_MAX_BYTES", 1000)
+    monkeypatch.setattr(harness.fused, "DEVICE_INPUTS_MAX_BYTES", 1000)
     assert shared_memory_bytes(runs[0]) == 0
     assert copy_memory_bytes(runs[0]) == on_device + 4 * 900 * 784  # each copy's own permuted inputs
+
+
+def test_a_gpu_workers_share_decides_where_its_inputs_live(tmp_path: Path, data_dir: Path) -> None:
+    """On a GPU worker the inputs are held on the device only if they take at most half its share
+    of the device (`fused.DEVICE_INPUTS_SHARE`), the rule the worker applies to the figure it is
+    told: several workers per GPU each hold their own copy of the inputs."""
+    from harness.fused import DEVICE_INPUTS_MAX_BYTES, device_inputs_limit
+    from harness.fusion import input_bytes, inputs_on_device
+
+    run = _runs(tmp_path, data_dir)[0]
+    inputs = input_bytes(run)
+    assert inputs == 4 * 900 * 784
+    assert device_inputs_limit(None) == DEVICE_INPUTS_MAX_BYTES and device_inputs_limit(2**40) == DEVICE_INPUTS_MAX_BYTES
+    assert inputs_on_device(run) and inputs_on_device(run, 2 * inputs)
+    assert not inputs_on_device(run, 2 * inputs - 2)
+    assert shared_memory_bytes(run, 2 * inputs - 2) == 0
+    assert copy_memory_bytes(run, 2 * inputs - 2) == copy_memory_bytes(run) + inputs
+    # the width: inputs fed from the host count per copy (a GPU share too small to hold them twice)
+    small = 2 * inputs - 2
+    assert fuse_width(None, [run], device_kind="gpu", memory_bytes=small) == max(1, small // copy_memory_bytes(run, small))
+    # a CPU worker is told nothing: the memory figure sizes the width but never moves its inputs
+    assert fuse_width(None, [run], memory_bytes=small) == max(1, (small - inputs) // copy_memory_bytes(run))
 
 
 def test_tensorflow_copies_count_the_flat_update(tmp_path: Path, data_dir: Path) -> None:

@@ -277,6 +277,12 @@ def test_ray_slots_from_simulated_cluster_resources() -> None:
     assert len(gpu) == 8 and {s.device for s in gpu} == {"ray:gpu"} and all(s.runs_per_gpu == 2 for s in gpu)
     assert all("CUDA_VISIBLE_DEVICES" not in s.environ() for s in gpu)
     assert all(s.environ()["KERAS_BACKEND"] == "tensorflow" for s in gpu)
+    assert all("HARNESS_DEVICE_MEMORY_BYTES" not in s.environ() for s in gpu)  # no size known
+    told = ray_slots({"CPU": 32.0, "GPU": 4.0}, pending=100, backend="tensorflow", runs_per_gpu=2, memory_bytes=7 * 2**30)
+    assert all(s.environ()["HARNESS_DEVICE_MEMORY_BYTES"] == str(7 * 2**30) for s in told)
+    from harness.ray_executor import _slot_for_backend
+
+    assert _slot_for_backend(told[0], "jax").environ()["HARNESS_DEVICE_MEMORY_BYTES"] == str(7 * 2**30)
     assert len(ray_slots({"CPU": 32.0, "GPU": 4.0}, pending=3, backend="jax")) == 3
     cpu = ray_slots({"CPU": 8.0}, pending=100, backend="jax", threads=2)
     assert len(cpu) == 4 and all(s.threads == 2 and s.environ()["KERAS_BACKEND"] == "jax" for s in cpu)
