@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import threading
 import time
 import traceback
 from typing import Callable, Iterable, Protocol, Sequence, Union
@@ -100,15 +101,18 @@ def progress_sink(
     send: Callable[[GroupProgress], None], group_id: int, *, every_s: float = PROGRESS_EVERY_S
 ) -> "heartbeat.Sink":
     """A `harness.heartbeat` sink for a worker's group: `send`s its progress with the seconds
-    since this sink was made (the group's start), at most every `every_s` seconds."""
+    since this sink was made (the group's start), at most every `every_s` seconds. Thread-safe
+    (Keras may call the reporting callback from a helper thread): one send at a time."""
     start = time.monotonic()
     last = [-math.inf]
+    lock = threading.Lock()
 
     def report(done: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every_s:
-            last[0] = now
-            send(GroupProgress(group_id, done, now - start))
+        with lock:
+            now = time.monotonic()
+            if now - last[0] >= every_s:
+                last[0] = now
+                send(GroupProgress(group_id, done, now - start))
 
     return report
 

@@ -182,6 +182,10 @@ def fit_copies(
     Returns each copy's history and the epoch it diverged in. Training stops early only when
     every copy diverged. A copy's logged loss and validation loss are its data loss plus its
     weight penalty at the epoch's end (`penalties[k]()`, `models.copy_penalty`)."""
+    import keras
+
+    from harness.train import progress_callbacks
+
     histories: list[dict[str, list[float]]] = [{} for _ in range(n_copies)]
     diverged: list[int | None] = [None] * n_copies
     judge = model if eval_model is None else eval_model
@@ -194,6 +198,9 @@ def fit_copies(
             epochs=1,
             shuffle=False,
             verbose=0,
+            callbacks=progress_callbacks(
+                keras, epochs=epochs, steps_per_epoch=math.ceil(len(ys[0]) / batch_size), first_epoch=epoch
+            ),
         )
         logs = {key: values[-1] for key, values in fit.history.items()}
         if validation is not None:

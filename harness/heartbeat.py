@@ -1,7 +1,8 @@
 """Training progress from inside a worker: the fraction of a work group's epochs done.
 
 A worker sets a sink around the training of a group (`reporting`); the trainers call `report`
-after each epoch with the fraction of their own work done. A trainer that trains the runs of a
+with the fraction of their own work done, after each epoch and, where Keras trains several
+steps between epochs' ends, after each of its calls of the train function (`train.progress_callback`). A trainer that trains the runs of a
 group one after another gives each its share of the group (`part`), so the fraction the sink
 receives is always the group's. Without a sink (a test, a notebook) `report` does nothing.
 
@@ -9,7 +10,9 @@ The driver turns these fractions into `executor.GroupProgress` events and the ET
 a running group from them (`eta.extrapolate`), so a sweep whose first group trains for an hour
 has an estimate after its first epoch instead of after that hour.
 
-Pure: no Keras, no clocks; one sink per process (a worker trains one group at a time).
+Pure: no Keras, no clocks; one sink per process (a worker trains one group at a time). Keras
+may run the callbacks that report in a helper thread: a sink must be thread-safe
+(`executor.progress_sink` is).
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ def part(index: int, count: int) -> Iterator[None]:
         yield
     finally:
         _span = before
+
+
+def listening() -> bool:
+    """Whether a sink takes the reports (a trainer need not make them otherwise)."""
+    return _sink is not None
 
 
 def report(fraction: float) -> None:

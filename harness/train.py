@@ -248,7 +248,9 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset, *, not_fused: str 
             validation_batch_size=options.validation_batch_size,
             shuffle=True,
             verbose=0,
-            callbacks=[keras.callbacks.TerminateOnNaN(), epoch_heartbeat(keras, run.variant.epochs)],
+            callbacks=[keras.callbacks.TerminateOnNaN()] + progress_callbacks(
+                keras, epochs=run.variant.epochs, steps_per_epoch=math.ceil(len(inputs.x_fit) / run.variant.batch_size)
+            ),
         )
         trained = time.perf_counter()
         if compiled_by_user:
@@ -273,7 +275,8 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset, *, not_fused: str 
             params=int(model.count_params()),
             n_fit=inputs.n_fit,
             train_s=trained - built,
-            steps_per_execution=options.steps_per_execution,
+            # a model its builder compiled keeps its own (Keras' default: 1)
+            steps_per_execution=int(getattr(model, "steps_per_execution", None) or options.steps_per_execution),
             num_classes=dataset.num_classes,
             started_at=started_at,
             timings={"setup_s": built - start, "train_s": trained - built, "eval_s": finished - trained,
@@ -356,12 +359,35 @@ def trained_record(
     )
 
 
-def epoch_heartbeat(keras: Any, epochs: int) -> Any:
-    """A Keras callback that reports the fraction of `epochs` done after each epoch
-    (`harness.heartbeat`: the ETA of a long run before it finishes)."""
-    return keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs=None: heartbeat.report((epoch + 1) / max(1, epochs))
-    )
+def progress_callbacks(keras: Any, *, epochs: int, steps_per_epoch: int, first_epoch: int = 0) -> list[Any]:
+    """A Keras callback (in a list; none when no one listens, `heartbeat.listening`) that reports
+    the fraction of `epochs` done (`harness.heartbeat`: the ETA of a long group before it
+    finishes) after each call of the train function (`steps_per_execution` steps) and after each
+    epoch, so that a group is paced from its first seconds, not from its first epoch's end (a CNN
+    epoch of the conv table takes minutes on a CPU). `first_epoch`: the epoch the fit's first
+    epoch is (a fused group fits epoch by epoch). Marked safe for Keras' asynchronous dispatch,
+    so adding it changes nothing in how Keras steps: it reads only the step's index."""
+    if not heartbeat.listening():
+        return []
+    epochs, steps = max(1, epochs), max(1, steps_per_epoch)
+
+    class Progress(keras.callbacks.Callback):
+        async_safe = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch = first_epoch
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.epoch = first_epoch + epoch
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            heartbeat.report((self.epoch + min(1.0, (batch + 1) / steps)) / epochs)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            heartbeat.report((first_epoch + epoch + 1) / epochs)
+
+    return [Progress()]
 
 
 def release_memory() -> None:

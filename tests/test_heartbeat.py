@@ -43,7 +43,9 @@ def test_a_sink_that_fails_does_not_fail_the_training() -> None:
 
 
 def test_a_fused_group_reports_after_every_epoch(tmp_path: Path, data_dir: Path) -> None:
-    """Real TensorFlow: two seeds fused, three epochs: 1/3, 2/3, 1."""
+    """Real TensorFlow: two seeds fused, three epochs of one call of the train function each
+    (270 examples at batch 64: 5 steps): 1/3, 2/3, 1, each said after its epoch's steps and
+    again when the epoch (its validation included) is over."""
     from harness.fused import train_group
 
     text = tiny_sweep_text(seeds=2, train=300, test=100).replace("epochs: 1", "epochs: 3")
@@ -52,4 +54,44 @@ def test_a_fused_group_reports_after_every_epoch(tmp_path: Path, data_dir: Path)
     with heartbeat.reporting(got.append):
         records = train_group([r for r in prepared.runs if r.variant.name == "mlp_32"], prepared.dataset)
     assert [r.status for r in records] == [RunStatus.DONE] * 2, records[0].error
-    assert got == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert sorted(set(round(f, 9) for f in got)) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert got == sorted(got) and got[-1] == 1.0
+
+
+COMPILED_BUILDER = """
+import keras
+
+
+def compiled_mlp(input_shape, num_classes):
+    model = keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(8, activation="relu"), keras.layers.Dense(num_classes, activation="softmax")])
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    return model
+"""
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "one_after_another"])
+def test_a_group_reports_inside_its_epochs(tmp_path: Path, data_dir: Path, fused: bool) -> None:
+    """Real TensorFlow: an epoch of two calls of the train function (4,050 examples at batch 64:
+    64 steps, 32 per call) reports after each call, so a group whose epochs take minutes (the conv
+    table's CNNs on a CPU) is paced within seconds. Fused, and one run after the other (a model
+    its builder compiled cannot fuse: it trains through Keras' own loop, each run its half)."""
+    from harness.fused import train_group
+
+    text = tiny_sweep_text(seeds=2, train=4500, test=100).replace("epochs: 1", "epochs: 2")
+    if not fused:
+        (tmp_path / "compiledbuild.py").write_text(COMPILED_BUILDER)
+        text = text.replace("dense: {units: [32]}", 'builder: "compiledbuild:compiled_mlp"')
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", text)), data_dir=data_dir)
+    got: list[float] = []
+    with heartbeat.reporting(got.append):
+        records = train_group([r for r in prepared.runs if r.variant.name == "mlp_32"], prepared.dataset)
+    assert [r.status for r in records] == [RunStatus.DONE] * 2, records[0].error
+    assert got == sorted(got) and got[-1] == 1.0
+    if fused:  # 32 steps a call: one report inside the first epoch, after the first call
+        assert [r.metrics["steps_per_execution"] for r in records] == [32, 32]
+        assert [f for f in got if f < 0.5] == [0.25], got
+    else:  # the builder compiled its model with Keras' default: a call per step, each reported
+        assert [r.metrics["steps_per_execution"] for r in records] == [1, 1]
+        inside = [f for f in got if f < 0.25]  # the first run's first epoch
+        assert inside[:2] == [0.25 / 64, 0.5 / 64] and len(inside) == 63, got
