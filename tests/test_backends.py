@@ -264,3 +264,67 @@ def test_timeouts_isolate_and_resume_on_every_backend(backend: str, tmp_path: Pa
         records = store.records(r for r, _v, _s in store.plan("slowpoke"))
     assert [r.status.value for r in records] == ["done", "done"]
     assert {r.versions["keras_backend"] for r in records} == {backend}
+
+
+KERAS_PIPELINE = """
+import json
+import numpy as np
+import keras
+from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+def train():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(0.2),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="categorical_crossentropy", steps_per_execution=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((203, 12)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 203)]
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=True, validation_split=0.1, verbose=0)
+    return model.get_weights(), model.evaluate(x, y, batch_size=32, verbose=0)
+
+def options():
+    return ArrayDataAdapter(np.zeros((10, 2)), np.zeros((10,)), batch_size=4).get_tf_dataset().options()
+
+import sys
+from harness.backends import adapter, keras_arrays_without_autotune
+if sys.argv[1] == "worker":  # a CPU worker's settings, as a sweep worker starts
+    adapter()
+    ours = options()
+    print(json.dumps({"ours": [ours.autotune.enabled, ours.threading.private_threadpool_size]}))
+else:
+    before, keras_own = train(), options()
+    keras_arrays_without_autotune(threads=1)
+    wrapped = ArrayDataAdapter.get_tf_dataset
+    keras_arrays_without_autotune(threads=1)  # once per process
+    after, ours = train(), options()
+    print(json.dumps({
+        "keras_own": [keras_own.autotune.enabled, keras_own.threading.private_threadpool_size],
+        "ours": [ours.autotune.enabled, ours.threading.private_threadpool_size],
+        "wrapped_once": ArrayDataAdapter.get_tf_dataset is wrapped,
+        "same_bits": all(np.array_equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1],
+    }))
+"""
+
+
+def test_a_tensorflow_cpu_worker_feeds_arrays_without_tf_data_autotuning() -> None:
+    """Keras' tf.data pipeline for arrays, with autotuning off and one thread (its teardown after
+    each `fit` and `evaluate` stalled about 2.5 s half the time): the same training to the bit,
+    shuffling and validation included."""
+    pytest.importorskip("tensorflow")
+    import json
+    import os
+
+    env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def run(mode: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", KERAS_PIPELINE, mode], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run("worker") == {"ours": [False, 1]}  # what a CPU worker's adapter sets up
+    out = run("bits")
+    assert out["keras_own"][0] is not False  # Keras' default: autotuning on
+    assert out["ours"] == [False, 1]
+    assert out["wrapped_once"] and out["same_bits"]
