@@ -388,8 +388,8 @@ class TensorFlowAdapter(Adapter):
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
-        if not gpus:
-            keras_arrays_without_autotune(threads=int(intra) if intra else os.cpu_count() or 1)
+        if intra and not gpus:  # a harness CPU worker (`worker_env`), not a user's process
+            keras_arrays_without_autotune(threads=int(intra))
         # A worker builds one model per group, so after five groups TensorFlow warns at every new
         # one that its functions were "retraced": expected here, and it buried the progress lines.
         tf.get_logger().setLevel("ERROR")

@@ -97,24 +97,39 @@ class GroupProgress:
 PROGRESS_EVERY_S = 1.0  # at most one progress message a second per worker (epochs may be milliseconds)
 
 
+class ProgressSink:
+    """A `harness.heartbeat` sink for a worker's group: `send`s its progress with the seconds
+    since this sink was made (the group's start), at most every `every_s` seconds, never less
+    than it sent before. Thread-safe (Keras may call the reporting callback from helper threads,
+    in any order): one send at a time, and none once `close`d (the worker closes it before it
+    sends the group's records down the same pipe)."""
+
+    def __init__(self, send: Callable[[GroupProgress], None], group_id: int, *, every_s: float = PROGRESS_EVERY_S) -> None:
+        self._send, self._group_id, self._every_s = send, group_id, every_s
+        self._start = time.monotonic()
+        self._last_at = -math.inf
+        self._done = 0.0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __call__(self, done: float) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._closed or now - self._last_at < self._every_s:
+                return
+            self._last_at, self._done = now, max(self._done, done)
+            self._send(GroupProgress(self._group_id, self._done, now - self._start))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
 def progress_sink(
     send: Callable[[GroupProgress], None], group_id: int, *, every_s: float = PROGRESS_EVERY_S
-) -> "heartbeat.Sink":
-    """A `harness.heartbeat` sink for a worker's group: `send`s its progress with the seconds
-    since this sink was made (the group's start), at most every `every_s` seconds. Thread-safe
-    (Keras may call the reporting callback from a helper thread): one send at a time."""
-    start = time.monotonic()
-    last = [-math.inf]
-    lock = threading.Lock()
-
-    def report(done: float) -> None:
-        with lock:
-            now = time.monotonic()
-            if now - last[0] >= every_s:
-                last[0] = now
-                send(GroupProgress(group_id, done, now - start))
-
-    return report
+) -> ProgressSink:
+    """The `ProgressSink` of a worker's group (see there)."""
+    return ProgressSink(send, group_id, every_s=every_s)
 
 
 ExecutorEvent = Union[GroupStarted, GroupProgress, RecordsReturned, GroupLost]

@@ -199,7 +199,8 @@ def fit_copies(
             shuffle=False,
             verbose=0,
             callbacks=progress_callbacks(
-                keras, epochs=epochs, steps_per_epoch=math.ceil(len(ys[0]) / batch_size), first_epoch=epoch
+                keras, epochs=epochs, steps_per_epoch=math.ceil(len(ys[0]) / batch_size), first_epoch=epoch,
+                epoch_ends=False,  # said below, after the validation
             ),
         )
         logs = {key: values[-1] for key, values in fit.history.items()}

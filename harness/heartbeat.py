@@ -2,7 +2,7 @@
 
 A worker sets a sink around the training of a group (`reporting`); the trainers call `report`
 with the fraction of their own work done, after each epoch and, where Keras trains several
-steps between epochs' ends, after each of its calls of the train function (`train.progress_callback`). A trainer that trains the runs of a
+steps between epochs' ends, after each of its calls of the train function (`train.progress_callbacks`). A trainer that trains the runs of a
 group one after another gives each its share of the group (`part`), so the fraction the sink
 receives is always the group's. Without a sink (a test, a notebook) `report` does nothing.
 

@@ -232,11 +232,13 @@ class RayTrainer:
         self.last_post = self.board.post.remote(progress)
 
     def train_group(self, group_id: int, runs: tuple) -> list[str]:
+        sink = progress_sink(self._post, group_id)
         try:
-            with heartbeat.reporting(progress_sink(self._post, group_id)):
+            with heartbeat.reporting(sink):
                 records = check_records(runs, self.train(runs, self.dataset))
         except Exception:  # noqa: BLE001 - a group trainer that raised
             records = [failed_record(run, traceback.format_exc()) for run in runs]
+        sink.close()
         return [record.to_json() for record in records]
 
 

@@ -137,11 +137,13 @@ def worker_main(
             return
         if not isinstance(message, TrainGroup):
             return
+        sink = progress_sink(conn.send, message.group_id)
         try:
-            with heartbeat.reporting(progress_sink(conn.send, message.group_id)):
+            with heartbeat.reporting(sink):
                 records = check_records(message.runs, train(message.runs, _load(message.source, message.runs)))
         except Exception:  # noqa: BLE001 - a group trainer that raised, or data that cannot load
             records = [failed_record(run, traceback.format_exc()) for run in message.runs]
+        sink.close()  # a late callback thread sends nothing into the records' message
         conn.send(GroupDone(message.group_id, tuple(r.to_json() for r in records)))
 
 

@@ -359,14 +359,19 @@ def trained_record(
     )
 
 
-def progress_callbacks(keras: Any, *, epochs: int, steps_per_epoch: int, first_epoch: int = 0) -> list[Any]:
+def progress_callbacks(
+    keras: Any, *, epochs: int, steps_per_epoch: int, first_epoch: int = 0, epoch_ends: bool = True
+) -> list[Any]:
     """A Keras callback (in a list; none when no one listens, `heartbeat.listening`) that reports
     the fraction of `epochs` done (`harness.heartbeat`: the ETA of a long group before it
     finishes) after each call of the train function (`steps_per_execution` steps) and after each
     epoch, so that a group is paced from its first seconds, not from its first epoch's end (a CNN
-    epoch of the conv table takes minutes on a CPU). `first_epoch`: the epoch the fit's first
-    epoch is (a fused group fits epoch by epoch). Marked safe for Keras' asynchronous dispatch,
-    so adding it changes nothing in how Keras steps: it reads only the step's index."""
+    epoch of the conv table takes minutes on a CPU). An epoch's last call is not reported: its
+    end is, after its validation (`epoch_ends`; False where the caller validates after `fit` and
+    reports then, `fused.fit_copies`), so that a group is never said done before its last
+    validation. `first_epoch`: the epoch the fit's first epoch is (a fused group fits epoch by
+    epoch). Marked safe for Keras' asynchronous dispatch, so adding it changes nothing in how
+    Keras steps: it reads only the step's index (the sink takes reports in any order)."""
     if not heartbeat.listening():
         return []
     epochs, steps = max(1, epochs), max(1, steps_per_epoch)
@@ -382,10 +387,12 @@ def progress_callbacks(keras: Any, *, epochs: int, steps_per_epoch: int, first_e
             self.epoch = first_epoch + epoch
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            heartbeat.report((self.epoch + min(1.0, (batch + 1) / steps)) / epochs)
+            if batch + 1 < steps:
+                heartbeat.report((self.epoch + (batch + 1) / steps) / epochs)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            heartbeat.report((first_epoch + epoch + 1) / epochs)
+            if epoch_ends:
+                heartbeat.report((first_epoch + epoch + 1) / epochs)
 
     return [Progress()]
 

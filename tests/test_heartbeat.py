@@ -95,3 +95,35 @@ def test_a_group_reports_inside_its_epochs(tmp_path: Path, data_dir: Path, fused
         assert [r.metrics["steps_per_execution"] for r in records] == [1, 1]
         inside = [f for f in got if f < 0.25]  # the first run's first epoch
         assert inside[:2] == [0.25 / 64, 0.5 / 64] and len(inside) == 63, got
+
+
+def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_closed() -> None:
+    """Keras may run the reporting callback in helper threads, in any order: the worker's sink
+    sends one message at a time (they share the pipe with the group's records), never a smaller
+    fraction than before, and nothing after the worker closed it to send the records."""
+    import threading
+    import time
+
+    from harness.executor import progress_sink
+
+    sent: list[float] = []
+    inside, overlapped = [0], [False]
+
+    def send(progress) -> None:
+        inside[0] += 1
+        overlapped[0] |= inside[0] > 1
+        time.sleep(0.0005)
+        sent.append(progress.done)
+        inside[0] -= 1
+
+    sink = progress_sink(send, 7, every_s=0.0)
+    threads = [threading.Thread(target=lambda k=k: [sink((k * 50 + i) / 400) for i in range(50)]) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(sent) == 400 and not overlapped[0]
+    assert sent == sorted(sent) and sent[-1] == 399 / 400
+    sink.close()
+    sink(1.0)
+    assert len(sent) == 400
