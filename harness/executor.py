@@ -125,13 +125,6 @@ class ProgressSink:
             self._closed = True
 
 
-def progress_sink(
-    send: Callable[[GroupProgress], None], group_id: int, *, every_s: float = PROGRESS_EVERY_S
-) -> ProgressSink:
-    """The `ProgressSink` of a worker's group (see there)."""
-    return ProgressSink(send, group_id, every_s=every_s)
-
-
 ExecutorEvent = Union[GroupStarted, GroupProgress, RecordsReturned, GroupLost]
 
 
@@ -288,6 +281,23 @@ class Trainer:
         warm = getattr(importlib.import_module(self.module()), "warm_up", None)
         if warm is not None:
             warm()
+
+
+def train_reporting(
+    group_id: int, runs: Sequence[PlannedRun], train: Callable[[], Iterable[RunRecord]],
+    send: Callable[[GroupProgress], None],
+) -> list[RunRecord]:
+    """A worker's group (pool or Ray): `train()`'s records of `runs` (`check_records`), its
+    progress sent by `send` meanwhile (`ProgressSink`, closed before the caller sends the
+    records); a trainer that raises (or data that cannot load) fails every run of the group."""
+    sink = ProgressSink(send, group_id)
+    try:
+        with heartbeat.reporting(sink):
+            return check_records(runs, train())
+    except Exception:  # noqa: BLE001 - a group trainer that raised, or data that cannot load
+        return [failed_record(run, traceback.format_exc()) for run in runs]
+    finally:
+        sink.close()  # a late callback thread sends nothing after this
 
 
 def check_records(group: Sequence[PlannedRun], records: Iterable[RunRecord]) -> list[RunRecord]:

@@ -34,10 +34,8 @@ import os
 import secrets
 import sys
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
-from harness import heartbeat
 from harness.devices import WorkerSlot
 from harness.errors import UserError, WorkerStartError
 from harness.executor import (
@@ -48,9 +46,7 @@ from harness.executor import (
     SlotPool,
     Trainer,
     WorkGroup,
-    check_records,
-    failed_record,
-    progress_sink,
+    train_reporting,
 )
 from harness.records import RunRecord
 
@@ -232,13 +228,7 @@ class RayTrainer:
         self.last_post = self.board.post.remote(progress)
 
     def train_group(self, group_id: int, runs: tuple) -> list[str]:
-        sink = progress_sink(self._post, group_id)
-        try:
-            with heartbeat.reporting(sink):
-                records = check_records(runs, self.train(runs, self.dataset))
-        except Exception:  # noqa: BLE001 - a group trainer that raised
-            records = [failed_record(run, traceback.format_exc()) for run in runs]
-        sink.close()
+        records = train_reporting(group_id, runs, lambda: self.train(runs, self.dataset), self._post)
         return [record.to_json() for record in records]
 
 

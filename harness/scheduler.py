@@ -20,11 +20,9 @@ import os
 import signal
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Sequence
 
-from harness import heartbeat
 from harness.devices import CPUS_ENV, WorkerSlot, pin_to_cpus
 from harness.errors import WorkerStartError
 from harness.executor import (
@@ -35,9 +33,7 @@ from harness.executor import (
     SlotPool,
     Trainer,
     WorkGroup,
-    check_records,
-    failed_record,
-    progress_sink,
+    train_reporting,
 )
 from harness.plan import PlannedRun
 from harness.records import RunRecord
@@ -137,13 +133,9 @@ def worker_main(
             return
         if not isinstance(message, TrainGroup):
             return
-        sink = progress_sink(conn.send, message.group_id)
-        try:
-            with heartbeat.reporting(sink):
-                records = check_records(message.runs, train(message.runs, _load(message.source, message.runs)))
-        except Exception:  # noqa: BLE001 - a group trainer that raised, or data that cannot load
-            records = [failed_record(run, traceback.format_exc()) for run in message.runs]
-        sink.close()  # a late callback thread sends nothing into the records' message
+        records = train_reporting(
+            message.group_id, message.runs, lambda: train(message.runs, _load(message.source, message.runs)), conn.send
+        )
         conn.send(GroupDone(message.group_id, tuple(r.to_json() for r in records)))
 
 

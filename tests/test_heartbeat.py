@@ -104,7 +104,7 @@ def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_clos
     import threading
     import time
 
-    from harness.executor import progress_sink
+    from harness.executor import ProgressSink
 
     sent: list[float] = []
     inside, overlapped = [0], [False]
@@ -116,7 +116,7 @@ def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_clos
         sent.append(progress.done)
         inside[0] -= 1
 
-    sink = progress_sink(send, 7, every_s=0.0)
+    sink = ProgressSink(send, 7, every_s=0.0)
     threads = [threading.Thread(target=lambda k=k: [sink((k * 50 + i) / 400) for i in range(50)]) for k in range(8)]
     for thread in threads:
         thread.start()
