@@ -2,17 +2,17 @@
 
 A worker sets a sink around the training of a group (`reporting`); the trainers call `report`
 with the fraction of their own work done, after each epoch and, where Keras trains several
-steps between epochs' ends, after each of its calls of the train function (`train.progress_callbacks`). A trainer that trains the runs of a
-group one after another gives each its share of the group (`part`), so the fraction the sink
-receives is always the group's. Without a sink (a test, a notebook) `report` does nothing.
+steps between epochs' ends, after each of its calls of the train function
+(`train.progress_callbacks`). A trainer that trains the runs of a group one after another gives
+each its share of the group (`part`), so the fraction the sink receives is always the group's. Without a sink (a test, a notebook) `report` does nothing.
 
 The driver turns these fractions into `executor.GroupProgress` events and the ETA extrapolates
 a running group from them (`eta.extrapolate`), so a sweep whose first group trains for an hour
-has an estimate after its first epoch instead of after that hour.
+has an estimate within seconds (its first calls of the train function) instead of after that hour.
 
 Pure: no Keras, no clocks; one sink per process (a worker trains one group at a time). Keras
 may run the callbacks that report in a helper thread: a sink must be thread-safe
-(`executor.progress_sink` is).
+(`executor.ProgressSink` is).
 """
 
 from __future__ import annotations

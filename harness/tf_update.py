@@ -48,6 +48,8 @@ def may_flatten(optimizer_name: str) -> bool:
     with the flat update on TensorFlow, unless the per-process check refuses it (the planner's
     memory estimate counts its parameter copies only then)."""
     return optimizer_name.lower() in {name.lower() for name in FLAT_OPTIMIZERS}
+
+
 XLA_CPU_FLAG = "--xla_cpu_max_isa=SSE4_2"
 _CHECK_EPOCHS = 2  # of 6 steps
 
