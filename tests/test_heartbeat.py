@@ -91,10 +91,12 @@ def test_a_group_reports_inside_its_epochs(tmp_path: Path, data_dir: Path, fused
     if fused:  # 32 steps a call: one report inside the first epoch, after the first call
         assert [r.metrics["steps_per_execution"] for r in records] == [32, 32]
         assert [f for f in got if f < 0.5] == [0.25], got
+        assert got.count(0.5) == 1  # the epoch's end once, after its validation: not its last call too
     else:  # the builder compiled its model with Keras' default: a call per step, each reported
         assert [r.metrics["steps_per_execution"] for r in records] == [1, 1]
         inside = [f for f in got if f < 0.25]  # the first run's first epoch
         assert inside[:2] == [0.25 / 64, 0.5 / 64] and len(inside) == 63, got
+        assert got.count(0.25) == 1  # the first run's epoch end, after Keras' validation, once
 
 
 def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_closed() -> None:
