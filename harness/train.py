@@ -30,9 +30,11 @@ EVAL_BATCH_SIZE = 2048  # evaluation has no updates: large batches, few round tr
 
 def warm_up() -> None:
     """Import Keras and its backend once, when a worker starts, and apply the worker's settings
-    (threads, GPU memory sharing) through the backend's adapter."""
-    from harness.backends import adapter
+    (threads, GPU memory sharing) through the backend's adapter. Keras is imported without the
+    integrations a worker does not use (`backends.import_keras_for_worker`)."""
+    from harness.backends import adapter, import_keras_for_worker
 
+    import_keras_for_worker()
     adapter()
 
 

@@ -267,7 +267,18 @@ def test_timeouts_isolate_and_resume_on_every_backend(backend: str, tmp_path: Pa
 
 
 KERAS_PIPELINE = """
+import importlib.util
 import json
+import sys
+
+if sys.argv[1] == "worker":  # Keras imported as a sweep worker starts (`train.warm_up`)
+    from harness.train import warm_up
+
+    warm_up()
+    installed = [m for m in ("sklearn", "matplotlib", "jax") if importlib.util.find_spec(m) is not None]
+    skipped = [m for m in installed if m not in sys.modules]
+    later = [importlib.import_module(m).__name__ for m in installed]  # as a user's model module imports them
+
 import numpy as np
 import keras
 from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
@@ -286,12 +297,12 @@ def train():
 def options():
     return ArrayDataAdapter(np.zeros((10, 2)), np.zeros((10,)), batch_size=4).get_tf_dataset().options()
 
-import sys
 from harness.backends import adapter, keras_arrays_without_autotune
-if sys.argv[1] == "worker":  # a CPU worker's settings, as a sweep worker starts
+if sys.argv[1] == "worker":  # a CPU worker's settings
     adapter()
     ours = options()
-    print(json.dumps({"ours": [ours.autotune.enabled, ours.threading.private_threadpool_size]}))
+    print(json.dumps({"ours": [ours.autotune.enabled, ours.threading.private_threadpool_size], "installed": installed,
+                      "skipped": skipped, "later": later}))
 else:
     before, keras_own = train(), options()
     keras_arrays_without_autotune(threads=1)
@@ -308,7 +319,7 @@ else:
 
 
 def test_a_tensorflow_cpu_worker_feeds_arrays_without_tf_data_autotuning() -> None:
-    """Keras' tf.data pipeline for arrays, with autotuning off and one thread (its teardown after
+    """A worker imports Keras without the integrations it never uses. Keras' tf.data pipeline for arrays, with autotuning off and one thread (its teardown after
     each `fit` and `evaluate` stalled about 2.5 s half the time): the same training to the bit,
     shuffling and validation included."""
     pytest.importorskip("tensorflow")
@@ -323,8 +334,44 @@ def test_a_tensorflow_cpu_worker_feeds_arrays_without_tf_data_autotuning() -> No
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    assert run("worker") == {"ours": [False, 1]}  # what a CPU worker's adapter sets up
+    worker = run("worker")
+    assert worker["ours"] == [False, 1]  # what a CPU worker's adapter sets up
+    # Keras was imported without the integrations it loads eagerly (scikit-learn, matplotlib, and
+    # JAX under TensorFlow), and a later import of them by any other module still loads them
+    assert worker["skipped"] == worker["installed"] and worker["later"] == worker["installed"]
     out = run("bits")
     assert out["keras_own"][0] is not False  # Keras' default: autotuning on
     assert out["ours"] == [False, 1]
     assert out["wrapped_once"] and out["same_bits"]
+
+
+def test_keras_own_imports_of_skipped_integrations_fail_and_everyone_elses_load(tmp_path: Path, monkeypatch) -> None:
+    """The worker's import hook: a module of Keras or TensorFlow importing a skipped library gets
+    `ModuleNotFoundError` (which they catch), any other importer gets the library, and with the
+    hook gone Keras' own import loads it too."""
+    package = tmp_path / "harness_probe_integration"
+    package.mkdir()
+    (package / "__init__.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hook = backends._SkipIntegrations(["harness_probe_integration"])
+
+    def import_from(module: str) -> bool:
+        sys.modules.pop("harness_probe_integration", None)
+        namespace = {"__name__": module}
+        try:
+            exec("import harness_probe_integration", namespace)  # noqa: S102 - the importer's name is the point
+        except ModuleNotFoundError:
+            return False
+        return namespace["harness_probe_integration"].LOADED
+
+    sys.meta_path.insert(0, hook)
+    try:
+        assert not import_from("keras.src.wrappers.fixes")
+        assert not import_from("tensorflow.lite.python.util")
+        assert import_from("user_model")  # a user's model module
+        assert import_from("kerastuner_like")  # a name that only starts like Keras'
+        assert import_from("harness.builders")
+    finally:
+        sys.meta_path.remove(hook)
+    assert import_from("keras.src.wrappers.fixes")
+    sys.modules.pop("harness_probe_integration", None)
