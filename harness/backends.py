@@ -550,8 +550,8 @@ _ADAPTERS: dict[str, type[Adapter]] = {"tensorflow": TensorFlowAdapter, "jax": J
 
 # Libraries that Keras and TensorFlow import at their own import when installed, for integrations
 # a harness worker never uses: scikit-learn (`keras.wrappers`), matplotlib (`keras.visualization`)
-# and, under TensorFlow, JAX (TensorFlow Lite's JAX converter). Measured on the 2-core machine,
-# `import keras` on TensorFlow took 3.9 s with them and 2.3 s without.
+# and, under TensorFlow or PyTorch, JAX (TensorFlow Lite's JAX converter). Measured on the 2-core
+# machine, `import keras` on TensorFlow took 3.9 s with them and 2.3 s without.
 WORKER_SKIPPED_IMPORTS = ("sklearn", "matplotlib", "jax")
 _IMPORTERS = ("keras", "tensorflow")
 
@@ -575,22 +575,30 @@ def _importer() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
+        name = name if isinstance(name, str) else ""
         if not (frame.f_code.co_filename.startswith("<frozen importlib") or name.startswith("importlib")):
             return name
         frame = frame.f_back
     return ""
 
 
-def import_keras_for_worker(backend: str | None = None) -> None:
-    """Import Keras (and its backend) in a harness worker without `WORKER_SKIPPED_IMPORTS` (JAX is
-    kept under the JAX backend); after it, those libraries import normally. A process that holds
-    one already, or Keras, is left as it is. In the worker processes only: there, Keras' wrappers
-    for scikit-learn and its image-gallery plot are not available."""
+def worker_skipped_imports(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The libraries of `WORKER_SKIPPED_IMPORTS` a worker's Keras is imported without: JAX only
+    where `KERAS_BACKEND` names TensorFlow or PyTorch (a worker's environment always names its
+    backend, `worker_env`; without it Keras may take JAX from its `keras.json`)."""
+    backend = (environ if environ is not None else os.environ).get("KERAS_BACKEND", "")
+    return tuple(name for name in WORKER_SKIPPED_IMPORTS if name != "jax" or backend in ("tensorflow", "torch"))
+
+
+def import_keras_for_worker() -> None:
+    """Import Keras (and its backend) without `worker_skipped_imports()`, for a worker process
+    (a pool worker, a Ray actor): a direct import of those libraries works as ever afterwards,
+    but in this process Keras' scikit-learn wrappers, its gallery plots and TensorFlow Lite's JAX
+    converter stay off (they say the library is missing). A process that holds Keras already is
+    left as it is, and so is a library it holds already."""
     if "keras" in sys.modules:
         return
-    backend = backend or os.environ.get("KERAS_BACKEND", DEFAULT_BACKEND)
-    names = [name for name in WORKER_SKIPPED_IMPORTS if name not in sys.modules and not (name == "jax" and backend == "jax")]
-    hook = _SkipIntegrations(names)
+    hook = _SkipIntegrations([name for name in worker_skipped_imports() if name not in sys.modules])
     sys.meta_path.insert(0, hook)
     try:
         import keras  # noqa: F401

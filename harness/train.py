@@ -28,13 +28,14 @@ FLOPS_PER_EXECUTION = 1e9  # a step of more than this (the CNN at batch 128: ~8 
 EVAL_BATCH_SIZE = 2048  # evaluation has no updates: large batches, few round trips
 
 
-def warm_up() -> None:
+def warm_up(*, skip_integrations: bool = True) -> None:
     """Import Keras and its backend once, when a worker starts, and apply the worker's settings
-    (threads, GPU memory sharing) through the backend's adapter. Keras is imported without the
-    integrations a worker does not use (`backends.import_keras_for_worker`)."""
+    (threads, GPU memory sharing) through the backend's adapter. With `skip_integrations` Keras is
+    imported without the integrations a sweep's worker does not use (`backends.import_keras_for_worker`)."""
     from harness.backends import adapter, import_keras_for_worker
 
-    import_keras_for_worker()
+    if skip_integrations:
+        import_keras_for_worker()
     adapter()
 
 

@@ -164,7 +164,7 @@ def run_search(job: TuneJob) -> TuneResult:
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
     from harness.train import make_optimizer, warm_up
 
-    warm_up()
+    warm_up(skip_integrations=False)  # a user's search may use any of Keras' integrations
     import keras
     import keras_tuner
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import backends
-from harness.backends import DEVICE_MEMORY_ENV, BackendNotInstalled, choose_backend, worker_env
+from harness.backends import BACKENDS, DEVICE_MEMORY_ENV, BackendNotInstalled, choose_backend, worker_env
 from harness.devices import parse_nvidia_smi, plan_workers
 from harness.plan import BackendContext, sweep_backends
 from harness.spec import load_sweep
@@ -346,32 +346,56 @@ def test_a_tensorflow_cpu_worker_feeds_arrays_without_tf_data_autotuning() -> No
 
 
 def test_keras_own_imports_of_skipped_integrations_fail_and_everyone_elses_load(tmp_path: Path, monkeypatch) -> None:
-    """The worker's import hook: a module of Keras or TensorFlow importing a skipped library gets
-    `ModuleNotFoundError` (which they catch), any other importer gets the library, and with the
+    """The worker's import hook: a module of Keras or TensorFlow importing a skipped library (an
+    import statement, a from-import, `importlib.import_module` as Keras' lazy modules do) gets
+    `ModuleNotFoundError` (which they catch); any other importer gets the library, and with the
     hook gone Keras' own import loads it too."""
     package = tmp_path / "harness_probe_integration"
     package.mkdir()
     (package / "__init__.py").write_text("LOADED = True\n")
+    (package / "base.py").write_text("class Estimator:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     hook = backends._SkipIntegrations(["harness_probe_integration"])
+    ways = {
+        "import": "import harness_probe_integration as probe\nok = probe.LOADED",
+        "from": "from harness_probe_integration.base import Estimator\nok = Estimator is not None",
+        "import_module": "import importlib\nok = importlib.import_module('harness_probe_integration').LOADED",
+    }
 
-    def import_from(module: str) -> bool:
-        sys.modules.pop("harness_probe_integration", None)
-        namespace = {"__name__": module}
+    def loads(importer: str, way: str) -> bool:
+        for name in [m for m in sys.modules if m.startswith("harness_probe_integration")]:
+            del sys.modules[name]
+        namespace = {"__name__": importer}
         try:
-            exec("import harness_probe_integration", namespace)  # noqa: S102 - the importer's name is the point
+            exec(ways[way], namespace)  # noqa: S102 - the importer's module name is the point
         except ModuleNotFoundError:
+            assert "harness_probe_integration" not in sys.modules  # nothing half-imported is left
             return False
-        return namespace["harness_probe_integration"].LOADED
+        return namespace["ok"]
 
+    before = list(sys.meta_path)
     sys.meta_path.insert(0, hook)
     try:
-        assert not import_from("keras.src.wrappers.fixes")
-        assert not import_from("tensorflow.lite.python.util")
-        assert import_from("user_model")  # a user's model module
-        assert import_from("kerastuner_like")  # a name that only starts like Keras'
-        assert import_from("harness.builders")
+        for way in ways:
+            assert not loads("keras.src.wrappers.fixes", way), way
+            assert not loads("tensorflow.lite.python.util", way), way
+            for importer in ("user_model", "keras_tuner.src.tuners.sklearn_tuner", "tensorflow_probability", "harness.builders"):
+                assert loads(importer, way), (importer, way)
     finally:
         sys.meta_path.remove(hook)
-    assert import_from("keras.src.wrappers.fixes")
-    sys.modules.pop("harness_probe_integration", None)
+    assert sys.meta_path == before
+    assert all(loads("keras.src.wrappers.fixes", way) for way in ways)
+    for name in [m for m in sys.modules if m.startswith("harness_probe_integration")]:
+        del sys.modules[name]
+
+
+def test_jax_is_skipped_only_where_the_worker_names_another_backend() -> None:
+    """Keras' JAX backend imports JAX itself; without `KERAS_BACKEND` Keras may take its backend
+    from `keras.json`, so JAX is kept then."""
+    assert backends.worker_skipped_imports({"KERAS_BACKEND": "tensorflow"}) == ("sklearn", "matplotlib", "jax")
+    assert backends.worker_skipped_imports({"KERAS_BACKEND": "torch"}) == ("sklearn", "matplotlib", "jax")
+    for environ in ({"KERAS_BACKEND": "jax"}, {}, {"KERAS_BACKEND": ""}, {"KERAS_BACKEND": "numpy"}):
+        assert backends.worker_skipped_imports(environ) == ("sklearn", "matplotlib"), environ
+    for backend in BACKENDS:  # every worker's environment names its backend
+        skipped = backends.worker_skipped_imports(dict(worker_env(backend, threads=1)))
+        assert ("jax" in skipped) == (backend != "jax")
