@@ -17,9 +17,10 @@ estimate comes after the first epoch of the first group, not after the first run
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 # Priors for a 2-core CPU (issue 8: ~42 GFLOP/s reached; a few ms of dispatch per step).
 PRIOR_STEP_S = 0.003
@@ -67,6 +68,10 @@ def extrapolate(reports: Sequence[tuple[float, float]]) -> float | None:
     if done > first_done and age > first_age:
         return age + (1.0 - done) * (age - first_age) / (done - first_done)
     return None
+
+
+# A pending unit of work: one run's cost, or the costs of the runs one worker trains together.
+Pending = Union[RunCost, Sequence[RunCost]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,19 +230,24 @@ class CostTracker:
             self._models[key] = fit_cost_model(obs, prior=self.prior)  # type: ignore[index]
         return self._models[key]  # type: ignore[index]
 
-    def eta_s(self, *, pending: Iterable[RunCost], running: Iterable[Running], slots: int) -> float | None:
+    def eta_s(self, *, pending: Iterable[Pending], running: Iterable[Running], slots: int) -> float | None:
         return self.estimate(pending=pending, running=running, slots=slots).seconds
 
-    def estimate(self, *, pending: Iterable[RunCost], running: Iterable[Running], slots: int) -> "Estimate":
+    def estimate(self, *, pending: Iterable[Pending], running: Iterable[Running], slots: int) -> "Estimate":
         """Seconds until every run is done: what each busy device still needs (the predictions of
         the runs it trains, fused or not, from their group's own pace where it reported one, less
-        how long it has been at them) and the pending runs' predictions, shared by `slots`
-        parallel workers; at least the busiest device's. The pending runs' model is fitted to the
-        finished runs and to the extrapolated totals of the runs still training.
+        how long it has been at them), then the pending work as the dispatcher hands it out
+        (`finish_time`): each pending group (a run's cost, or a sequence of the costs of the runs
+        one worker will train together) goes, longest first, to whichever of the `slots` workers
+        is free first. Dividing the pending total by the workers said 15-20% too little on the
+        notebooks sweep: one worker can hold a long group while the others run out of work.
+        The pending runs' model is fitted to the finished runs and to the extrapolated totals of
+        the runs still training.
         None (unknown) while a device has been at its runs for more than `OVERDUE_FACTOR` times
         their prediction plus `OVERDUE_GRACE_S` (`EXTRAPOLATED_SLACK` for a pace): the model is
         wrong for it, and a count-down stuck at zero (or a made-up remainder) would say otherwise."""
-        running, pending = list(running), list(pending)
+        running = list(running)
+        pending = [(unit,) if isinstance(unit, RunCost) else tuple(unit) for unit in pending]
         provisional = [(r.cost, r.paced_total_s / max(1, r.group_size)) for r in running if r.paced_total_s is not None]
         pooled = self.model(None)
         if provisional:
@@ -246,7 +256,7 @@ class CostTracker:
                 seen = [o for observed in self._seen.values() for o in observed]
                 self._paced = (key, fit_cost_model(seen + provisional, prior=self.prior))
             pooled = self._paced[1]
-        pending_s = sum(pooled.predict(c) for c in pending)
+        units = [sum(pooled.predict(c) for c in unit) for unit in pending if unit]
         # per device: the predictions of its runs without a pace (a fused group's add up), or
         # its paced group's total (whichever of its runs are still to be recorded)
         busy: dict[str, tuple[float, float, bool]] = {}
@@ -271,9 +281,20 @@ class CostTracker:
                 else:
                     return Estimate(None, rough=True)
         left = [max(0.0, predicted - age) for predicted, age, _paced in busy.values()]
-        total = (pending_s + sum(left)) / max(1, slots)
-        rough = stand_in or (bool(pending) and pooled.distinct < ROUGH_BELOW)
-        return Estimate(max(total, max(left, default=0.0)), rough=rough)
+        idle = [0.0] * max(0, max(1, slots) - len(left))
+        rough = stand_in or (bool(units) and pooled.distinct < ROUGH_BELOW)
+        return Estimate(finish_time(left + idle, units), rough=rough)
+
+
+def finish_time(free_in: Sequence[float], units: Iterable[float]) -> float:
+    """When the last worker is done: worker i is free in `free_in[i]` seconds, and each unit of
+    work (seconds), longest first, goes to the worker free first, as the dispatcher hands out
+    groups (`execute.order_groups`: longest first, to the first idle worker)."""
+    heap = list(free_in) or [0.0]
+    heapq.heapify(heap)
+    for seconds in sorted(units, reverse=True):
+        heapq.heappush(heap, heapq.heappop(heap) + seconds)
+    return max(heap)
 
 
 @dataclasses.dataclass(frozen=True)

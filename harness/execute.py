@@ -400,8 +400,10 @@ def run_sweep(
         executor.start()
         if open_store is not None:
             keeper.start_heartbeat(open_store)
+    groups = order_groups(form_groups(todo, width), known)
+    progress.grouped([run.run_id for run in group] for group in groups)
     try:
-        dispatcher.run(order_groups(form_groups(todo, width), known))
+        dispatcher.run(groups)
     finally:
         keeper.stop_heartbeat()
         progress.close()

@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 from harness.backends import model_kind
 from harness.contracts import sweep_info  # noqa: F401 - re-exported for harness.execute
@@ -173,6 +173,7 @@ class Progress:
         # fraction of its epochs done), the first and the latest)
         self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
         self._remembered: set[str] = set()  # run ids of `remember`ed runs
+        self.groups: dict[str, tuple[str, ...]] = {}  # run id -> the run ids of its dispatch group
         self._seen_kinds: set[str] = set()  # model kinds (`backends.model_kind`) of those
         self.kinds = {r.run_id: model_kind(r.variant.model) for r in runs}
         self.slots = 1  # the most devices seen busy at once (a fused group is one)
@@ -212,7 +213,11 @@ class Progress:
         if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
             return Estimate(None, rough=True)
         now = self.clock()
-        pending = [c for i, c in self.costs.items() if i not in self.results and i not in self.running]
+        units: dict[tuple[str, ...], list] = {}  # the pending runs by the group a worker will train them in
+        for run_id, cost in self.costs.items():
+            if run_id not in self.results and run_id not in self.running:
+                units.setdefault(self.groups.get(run_id, (run_id,)), []).append(cost)
+        pending = list(units.values())
         running = []
         for run_id, (device, _run) in self.running.items():
             if run_id not in self.costs:
@@ -230,6 +235,14 @@ class Progress:
         if unseen and estimate.seconds is not None and not estimate.rough:
             return dataclasses.replace(estimate, rough=True)
         return estimate
+
+    def grouped(self, groups: Iterable[Sequence[str]]) -> None:
+        """The run ids of each group the dispatcher will hand to one worker (fused seeds): the
+        ETA places each group's runs on one worker, not spread over all of them."""
+        for group in groups:
+            members = tuple(group)
+            for run_id in members:
+                self.groups[run_id] = members
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
         """Runs finished before this sweep started (`finished_runs`): the ETA knows from the

@@ -15,6 +15,7 @@ from harness.eta import (
     RunCost,
     Running,
     extrapolate,
+    finish_time,
     fit_cost_model,
     run_cost,
 )
@@ -65,7 +66,10 @@ def test_tracker_predicts_per_device_and_shares_pending_work_among_slots() -> No
     assert tracker.model("cpu").step_s == pytest.approx(0.004)
     eta = tracker.eta_s(pending=[RunCost(1000, 0)] * 4, running=[Running("cpu", RunCost(1000, 0), 1.0)], slots=2)
     pooled = tracker.model(None).predict(RunCost(1000, 0))
-    assert eta == pytest.approx((4 * pooled + 3.0) / 2)
+    assert pooled == pytest.approx(2.5)
+    # the idle worker takes a run (free at 2.5), then the next (5.0); "cpu" is free at 3.0 and
+    # takes the third (5.5); the idle one the fourth (7.5), not the even share (4 * 2.5 + 3) / 2
+    assert eta == pytest.approx(7.5)
     # one long run left on one device: the ETA is what it still needs, not a share of it
     assert tracker.eta_s(pending=[], running=[Running("cpu", RunCost(1000, 0), 1.0)], slots=4) == pytest.approx(3.0)
     # a fused group of three on one device: their predictions add up, the group's age counts once
@@ -355,3 +359,41 @@ def test_an_estimate_is_rough_while_a_kind_of_model_waiting_has_not_trained_yet(
     progress.finished(cnn[0].record(RunStatus.DONE, timings={"wall_s": 5.0}, metrics={"test_accuracy": 0.9}))
     line = progress.counts()
     assert "| ETA " in line and "| ETA ~" not in line and "| ETA ?" not in line, line
+
+
+def test_pending_groups_go_longest_first_to_the_worker_free_first() -> None:
+    """The notebooks sweep's end: one worker 96 s into a CNN group, four small fused groups left
+    of about 29 s. The idle worker trains all four (116 s): an even share of the work (106 s)
+    said too little. A group's runs stay on one worker."""
+    assert finish_time([96.0, 0.0], [29.0] * 4) == pytest.approx(116.0)
+    assert finish_time([0.0, 0.0], [10.0, 30.0, 20.0]) == pytest.approx(30.0)  # 30 | 20 + 10
+    assert finish_time([5.0], []) == pytest.approx(5.0)
+    assert finish_time([], [3.0, 4.0]) == pytest.approx(7.0)  # no worker known: one
+
+    tracker = CostTracker()
+    for steps in (100, 200, 300, 400):
+        tracker.observe("cpu.0", RunCost(steps, 0), 0.01 * steps)
+    group = [RunCost(1000, 0)] * 3  # 10 s each: 30 s on one worker
+    assert tracker.eta_s(pending=[group], running=[], slots=2) == pytest.approx(30.0)
+    assert tracker.eta_s(pending=group, running=[], slots=2) == pytest.approx(20.0)  # runs apart: 2 + 1
+
+
+def test_progress_keeps_a_fused_group_on_one_worker(tmp_path, data_dir) -> None:
+    """`Progress.grouped` (the dispatcher's groups): a pending fused group is one worker's work."""
+    import io
+
+    from harness.spec import load_sweep
+    from harness.sweep import FinishedRun, Progress, prepare_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=4))), data_dir=data_dir)
+    runs = [r for r in prepared.runs if r.variant.name == "mlp_32"]
+    assert len(runs) == 4
+    progress = Progress(runs, stream=io.StringIO(), clock=lambda: 0.0)
+    cost = progress.costs[runs[0].run_id]
+    progress.remember([FinishedRun("elsewhere", "v", cost, 1.0)])  # such a run takes 1 s here
+    progress.slots = 2
+    assert progress.eta_s() == pytest.approx(2.0)  # four 1-s runs over two workers
+    progress.grouped([[r.run_id for r in runs]])
+    assert progress.eta_s() == pytest.approx(4.0)  # one fused group of four: one worker's
