@@ -111,7 +111,8 @@ class WorkerSlot:
 
 
 def gpu_worker_memory_bytes(gpus: Sequence[Gpu], runs_per_gpu: int) -> int | None:
-    """A GPU worker's share of its device's memory (the smallest GPU's, as nvidia-smi lists it;
+    """A GPU worker's share of its device's memory (the smallest of `gpus`, the GPUs the sweep
+    trains on (`chosen_gpus`), as nvidia-smi lists it;
     the share its backend is told, `backends.GPU_MEMORY_SHARE` / runs per GPU); None when no GPU
     or a size unknown. The fusion width is planned with it, and each GPU worker is told it
     (`backends.DEVICE_MEMORY_ENV`)."""
@@ -119,6 +120,18 @@ def gpu_worker_memory_bytes(gpus: Sequence[Gpu], runs_per_gpu: int) -> int | Non
     if not sizes or min(sizes) <= 0:
         return None
     return int(min(sizes) * 2**20 * GPU_MEMORY_SHARE / max(1, runs_per_gpu))
+
+
+def chosen_gpus(gpus: Sequence[Gpu], use_gpus: Sequence[int] | None) -> list[Gpu]:
+    """The GPUs a sweep trains on: all of `gpus`, or those `use_gpus` names (`--gpus`), in its
+    order; a `UserError` naming the first that is not there."""
+    if use_gpus is None:
+        return list(gpus)
+    known = {gpu.index: gpu for gpu in gpus}
+    missing = [i for i in use_gpus if i not in known]
+    if missing:
+        raise UserError(f"GPU {missing[0]} not found (nvidia-smi lists {sorted(known) or 'none'})", key="--gpus")
+    return [known[i] for i in use_gpus]
 
 
 def parse_nvidia_smi(text: str) -> list[Gpu]:
@@ -209,19 +222,9 @@ def plan_workers(
         raise UserError("must be at least 1", key="--threads")
     cpu_count = max(1, cpu_count)
     pending = max(1, pending)
-    known = {gpu.index: gpu for gpu in gpus}
-    if use_gpus is None:
-        chosen = list(gpus)
-    else:
-        missing = [i for i in use_gpus if i not in known]
-        if missing:
-            raise UserError(
-                f"GPU {missing[0]} not found (nvidia-smi lists {sorted(known) or 'none'})", key="--gpus"
-            )
-        chosen = [known[i] for i in use_gpus]
-
+    chosen = chosen_gpus(gpus, use_gpus)
     if chosen:
-        memory = gpu_worker_memory_bytes(gpus, runs_per_gpu)  # what the fusion width is planned with
+        memory = gpu_worker_memory_bytes(chosen, runs_per_gpu)  # what the fusion width is planned with
         total = workers or min(len(chosen) * runs_per_gpu, max(pending, len(chosen)))
         per_thread = threads or max(1, cpu_count // max(1, min(total, len(chosen) * runs_per_gpu)))
         slots = []

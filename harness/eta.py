@@ -238,8 +238,8 @@ class CostTracker:
         the runs it trains, fused or not, from their group's own pace where it reported one, less
         how long it has been at them), then the pending work as the dispatcher hands it out
         (`finish_time`): each pending group (a run's cost, or a sequence of the costs of the runs
-        one worker will train together) goes, longest first, to whichever of the `slots` workers
-        is free first. Dividing the pending total by the workers said 15-20% too little on the
+        one worker will train together), in the order given (the dispatcher's queue), goes to
+        whichever of the `slots` workers is free first. Dividing the pending total by the workers said 15-20% too little on the
         notebooks sweep: one worker can hold a long group while the others run out of work.
         The pending runs' model is fitted to the finished runs and to the extrapolated totals of
         the runs still training.
@@ -288,11 +288,12 @@ class CostTracker:
 
 def finish_time(free_in: Sequence[float], units: Iterable[float]) -> float:
     """When the last worker is done: worker i is free in `free_in[i]` seconds, and each unit of
-    work (seconds), longest first, goes to the worker free first, as the dispatcher hands out
-    groups (`execute.order_groups`: longest first, to the first idle worker)."""
+    work (seconds), in the order given, goes to the worker free first, as the dispatcher hands out
+    its queue (`execute.order_groups`: longest first) to whichever worker is idle. (A sweep of
+    several Keras backends gives a group only to a worker of its backend; not modelled.)"""
     heap = list(free_in) or [0.0]
     heapq.heapify(heap)
-    for seconds in sorted(units, reverse=True):
+    for seconds in units:
         heapq.heappush(heap, heapq.heappop(heap) + seconds)
     return max(heap)
 

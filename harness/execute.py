@@ -223,6 +223,7 @@ class _Dispatcher:
 
     def run(self, groups: Iterable[tuple[PlannedRun, ...]]) -> None:
         self.queue.extend(groups)
+        self._queued()
         try:
             while self._step():
                 pass
@@ -275,11 +276,16 @@ class _Dispatcher:
                 return WorkGroup(next(_GROUP_IDS), claimed)
         return None
 
+    def _queued(self) -> None:
+        """Tell the progress (its ETA) the queue as it now is."""
+        self.progress.grouped([run.run_id for run in group] for group in self.queue)
+
     def _claim(self, run: PlannedRun) -> bool:
         result = self.keeper.claim(self.store, run.run_id)
         self._log("claim", run.run_id, result.value)
         if result is Claim.FINISHED:
             self.finished_elsewhere += 1
+            self.progress.dropped(run.run_id)
         elif result is Claim.HELD:
             self.waiting.append(run)
         return result is Claim.CLAIMED
@@ -290,6 +296,7 @@ class _Dispatcher:
         if self.waiting and not self.queue and now >= self._next_look:
             self.queue.extend(form_groups(self.waiting, self.width))
             self.waiting.clear()
+            self._queued()
             self._next_look = now + min(1.0, self.keeper.lease_s / 10)
 
     # ------------------------------------------------------------------ events
@@ -334,6 +341,7 @@ class _Dispatcher:
         if retry:
             run = next(r for r in flight.group.runs if r.run_id == record.run_id)
             self.queue.appendleft((run,))
+            self._queued()
             self.progress.retried(record, self.attempts[record.run_id], self.retries)
         else:
             self.progress.finished(record)
@@ -400,10 +408,8 @@ def run_sweep(
         executor.start()
         if open_store is not None:
             keeper.start_heartbeat(open_store)
-    groups = order_groups(form_groups(todo, width), known)
-    progress.grouped([run.run_id for run in group] for group in groups)
     try:
-        dispatcher.run(groups)
+        dispatcher.run(order_groups(form_groups(todo, width), known))
     finally:
         keeper.stop_heartbeat()
         progress.close()
@@ -552,6 +558,14 @@ def _machine(spec: SweepSpec, options: SweepOptions) -> _Machine:
     return _Machine(gpus=gpus, cpus=allowed_cpus(), backend_context=context, backends=backends)
 
 
+def _memory_share(machine: _Machine, options: SweepOptions) -> int | None:
+    """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus`)."""
+    from harness.devices import chosen_gpus
+
+    used = chosen_gpus(machine.gpus, list(options.gpus) if options.gpus is not None else None)
+    return gpu_worker_memory_bytes(used, options.runs_per_gpu)
+
+
 def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
     """`harness calibrate`'s per-backend step timings for this device kind, if the store has them."""
     if not Path(store_path).exists():
@@ -599,7 +613,7 @@ def make_executor(
 
         return RayExecutor.for_cluster(
             spec=spec, options=options, backend=machine.first_backend, pending=pending, dataset=dataset,
-            owns_cluster=owns_cluster, memory_bytes=gpu_worker_memory_bytes(machine.gpus, options.runs_per_gpu),
+            owns_cluster=owns_cluster, memory_bytes=_memory_share(machine, options),
         )
     from harness.scheduler import LocalPoolExecutor
 
@@ -699,7 +713,7 @@ def execute_sweep(
                 store=store, executor=executor or InlineExecutor(prepared.dataset), options=options,
                 progress=progress, open_store=lambda: SQLiteStore(options.store, create=False), trace=trace,
                 device_kind="gpu" if machine.gpus else "cpu",
-                memory_bytes=gpu_worker_memory_bytes(machine.gpus, options.runs_per_gpu),
+                memory_bytes=_memory_share(machine, options),
             )
             if spec.adaptive is not None:
                 outcome = run_adaptive(prepared, notify=say, **common)

@@ -173,7 +173,8 @@ class Progress:
         # fraction of its epochs done), the first and the latest)
         self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
         self._remembered: set[str] = set()  # run ids of `remember`ed runs
-        self.groups: dict[str, tuple[str, ...]] = {}  # run id -> the run ids of its dispatch group
+        self.groups: dict[str, tuple[str, ...]] = {}  # run id -> the run ids of its queued group
+        self.queue_order: dict[tuple[str, ...], int] = {}  # a queued group -> its place in the queue
         self._seen_kinds: set[str] = set()  # model kinds (`backends.model_kind`) of those
         self.kinds = {r.run_id: model_kind(r.variant.model) for r in runs}
         self.slots = 1  # the most devices seen busy at once (a fused group is one)
@@ -213,11 +214,14 @@ class Progress:
         if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
             return Estimate(None, rough=True)
         now = self.clock()
-        units: dict[tuple[str, ...], list] = {}  # the pending runs by the group a worker will train them in
+        # the pending runs by the group a worker will train them in, in the queue's order (runs
+        # not queued, held by another sweep, last)
+        units: dict[tuple[str, ...], list[Any]] = {}
         for run_id, cost in self.costs.items():
             if run_id not in self.results and run_id not in self.running:
                 units.setdefault(self.groups.get(run_id, (run_id,)), []).append(cost)
-        pending = list(units.values())
+        last = len(self.queue_order)
+        pending = [units[key] for key in sorted(units, key=lambda key: self.queue_order.get(key, last))]
         running = []
         for run_id, (device, _run) in self.running.items():
             if run_id not in self.costs:
@@ -236,13 +240,21 @@ class Progress:
             return dataclasses.replace(estimate, rough=True)
         return estimate
 
-    def grouped(self, groups: Iterable[Sequence[str]]) -> None:
-        """The run ids of each group the dispatcher will hand to one worker (fused seeds): the
-        ETA places each group's runs on one worker, not spread over all of them."""
-        for group in groups:
+    def grouped(self, queue: Iterable[Sequence[str]]) -> None:
+        """The dispatcher's queue, in order: the run ids of each group it will hand to one worker
+        (fused seeds; a retried run alone, first). The ETA places each group's runs on one worker,
+        in this order, not spread over all of them. Replaces the queue told before."""
+        self.groups, self.queue_order = {}, {}
+        for position, group in enumerate(queue):
             members = tuple(group)
+            self.queue_order[members] = position
             for run_id in members:
                 self.groups[run_id] = members
+
+    def dropped(self, run_id: str) -> None:
+        """A run this sweep will not train after all (another sweep finished it meanwhile)."""
+        if self.costs.pop(run_id, None) is not None:
+            self.total -= 1
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
         """Runs finished before this sweep started (`finished_runs`): the ETA knows from the

@@ -84,7 +84,7 @@ def test_a_slot_moves_to_another_backend_in_place() -> None:
 
 
 def test_each_gpu_worker_is_told_the_memory_share_the_groups_were_planned_with(monkeypatch) -> None:
-    """The figure the fusion width is planned with (`gpu_worker_memory_bytes`: the smallest GPU's
+    """The figure the fusion width is planned with (`gpu_worker_memory_bytes`: the smallest used GPU's
     share) reaches every GPU worker, whichever GPU it has and whichever backend it moves to; a
     CPU worker, or a GPU of unknown size, is told nothing."""
     from harness.backends import worker_memory_bytes
@@ -97,6 +97,16 @@ def test_each_gpu_worker_is_told_the_memory_share_the_groups_were_planned_with(m
         slots = plan_workers(gpus=gpus, pending=100, cpu_count=16, runs_per_gpu=3, backend=backend)
         assert len(slots) == 6 and all(s.memory_bytes == share for s in slots)
         assert all(s.environ()[DEVICE_MEMORY_ENV] == str(share) for s in slots)
+    # --gpus 0: the share is the chosen H100's, not the smaller A100's it does not train on, and the
+    # sweep plans its fusion widths with the same figure
+    from harness.execute import SweepOptions, _Machine, _memory_share
+
+    big = int(81559 * 2**20 * 0.9 / 3)
+    only_h100 = plan_workers(gpus=gpus, pending=100, cpu_count=16, runs_per_gpu=3, use_gpus=[0])
+    assert len(only_h100) == 3 and all(s.memory_bytes == big for s in only_h100)
+    machine = _Machine(gpus=tuple(gpus), cpus=(0,), backend_context=None, backends={"tensorflow": 1})
+    assert _memory_share(machine, SweepOptions(gpus=(0,), runs_per_gpu=3)) == big
+    assert _memory_share(machine, SweepOptions(gpus=None, runs_per_gpu=3)) == share
     assert all(DEVICE_MEMORY_ENV not in s.environ() for s in plan_workers(gpus=[], pending=4, cpu_count=4))
     unknown = plan_workers(gpus=parse_nvidia_smi("0, some GPU, 0\n"), pending=4, cpu_count=4)
     assert all(DEVICE_MEMORY_ENV not in s.environ() and s.memory_bytes is None for s in unknown)

@@ -55,7 +55,7 @@ def test_negative_coefficients_are_refused() -> None:
     assert model.predict(RunCost(0, 6e9)) == pytest.approx(6.0, rel=1e-6)
 
 
-def test_tracker_predicts_per_device_and_shares_pending_work_among_slots() -> None:
+def test_tracker_predicts_per_device_and_hands_pending_work_to_the_worker_free_first() -> None:
     tracker = CostTracker()
     fast = CostModel(0.0, 0.001, 0.0, "t")
     slow = CostModel(0.0, 0.004, 0.0, "t")

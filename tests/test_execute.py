@@ -76,12 +76,31 @@ def kinds(trace, *names):
     return [event for event in trace if event[0] in names]
 
 
+class Watching(Progress):
+    """A quiet progress that keeps every queue the dispatcher tells it (`Progress.grouped`)."""
+
+    def __init__(self, runs=()) -> None:
+        super().__init__(runs, stream=io.StringIO())
+        self.queues: list[list[tuple[str, ...]]] = []
+
+    def grouped(self, queue) -> None:
+        queue = [tuple(group) for group in queue]
+        self.queues.append(queue)
+        super().grouped(queue)
+
+
 def test_a_retried_run_is_recorded_claimed_again_and_counted_once(prepared, tmp_path: Path) -> None:
     trainer = Trainer(fail={("mlp_32", 1)})
     trace: list[tuple] = []
+    progress = Watching()
     with SQLiteStore(tmp_path / "h.db") as store:
         outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(retries=2),
-                            progress=quiet(), trace=trace)
+                            progress=progress, trace=trace)
+    # the ETA is told the queue: first every group, then the retried run alone at its front
+    assert sorted(r for group in progress.queues[0] for r in group) == sorted(r.run_id for r in prepared.runs)
+    assert progress.queues[-1][0] == (prepared.runs[1].run_id,)
+    assert progress.groups[prepared.runs[1].run_id] == (prepared.runs[1].run_id,)
+    with SQLiteStore(tmp_path / "h.db", create=False) as store:
         assert store.attempts(prepared.runs[1].run_id) == 2 and store.claims() == {}
     target = prepared.runs[1].run_id
     mine = [e for e in trace if target in e or (e[0] == "submit" and target in e[2])]
@@ -134,10 +153,15 @@ def test_a_run_another_sweep_finishes_meanwhile_is_not_trained(prepared, tmp_pat
 
         trainer = Trainer()
         executor = InlineExecutor(prepared.dataset, train=trainer, per_run=True, sleep=sleep)
+        progress = Watching(prepared.runs)
         outcome = run_sweep(prepared, store=store, executor=executor, options=SweepOptions(lease_s=30),
-                            keeper=LeaseKeeper(lease_s=30, clock=clock), progress=quiet(), clock=clock)
+                            keeper=LeaseKeeper(lease_s=30, clock=clock), progress=progress, clock=clock)
     assert (held.variant.name, held.seed) not in trainer.calls
     assert outcome.trained == 5 and outcome.finished_elsewhere == 1
+    # the progress counts it out: not pending for the rest of the sweep, nor in the ETA
+    assert (progress.total, progress.done, progress.pending) == (5, 5, 0) and held.run_id not in progress.costs
+    # held, it came back in a queue of its own once nothing else was left
+    assert progress.queues[-1] == [(held.run_id,)]
 
 
 def test_groups_are_formed_from_pending_runs_of_one_variant(prepared, tmp_path: Path) -> None:
