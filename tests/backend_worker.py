@@ -26,13 +26,21 @@ def _serve(conn, env: dict[str, str]) -> None:
 
         settings = dict(settings)
         environ = settings.pop("environ", {})  # the worker's environment, for this call only
+        collect = settings.pop("reports", False)  # send back the progress reported, as a worker's sink gets it
         saved_environ = {name: os.environ.get(name) for name in environ}
         os.environ.update(environ)
         saved = {name: getattr(fused, name) for name in settings}
         for name, value in settings.items():  # module constants of harness.fused, for this call only
             setattr(fused, name, value)
         try:
-            if isinstance(run, list):  # a group of runs of one variant: fused training
+            if isinstance(run, list) and collect:
+                from harness import heartbeat
+
+                reports: list[float] = []
+                with heartbeat.reporting(reports.append):
+                    records = fused.train_group(run, dataset)
+                conn.send({"records": [record.to_json() for record in records], "reports": reports})
+            elif isinstance(run, list):  # a group of runs of one variant: fused training
                 conn.send([record.to_json() for record in fused.train_group(run, dataset)])
             else:
                 conn.send(train.train_run(run, dataset).to_json())
@@ -67,6 +75,13 @@ class BackendTrainer:
         (and under "environ", variables of the worker's environment)."""
         self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir, settings or {}))
         return [RunRecord.from_json(text) for text in self.conn.recv()]
+
+    def train_group_reporting(self, runs: list, prepared: Any) -> tuple[list[RunRecord], list[float]]:
+        """Train a group fused, with a progress sink as a sweep's worker has: its records and the
+        fractions reported, in the order the sink received them."""
+        self.conn.send((list(runs), prepared.spec.dataset, prepared.spec.subset, prepared.data_dir, {"reports": True}))
+        answer = self.conn.recv()
+        return [RunRecord.from_json(text) for text in answer["records"]], answer["reports"]
 
     def close(self) -> None:
         try:

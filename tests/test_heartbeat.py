@@ -99,6 +99,29 @@ def test_a_group_reports_inside_its_epochs(tmp_path: Path, data_dir: Path, fused
         assert got.count(0.25) == 1  # the first run's epoch end, after Keras' validation, once
 
 
+def test_a_jax_worker_reports_inside_its_epochs_too(tmp_path: Path, data_dir: Path, backend_trainers) -> None:
+    """Real JAX, in a worker process of its own (Keras may run the reporting callback
+    asynchronously there): the same reports as on TensorFlow, each call of the train function but
+    an epoch's last, and each epoch's end once."""
+    pytest.importorskip("jax")
+    from backend_worker import BackendTrainer
+
+    text = tiny_sweep_text(seeds=2, train=4500, test=100).replace("epochs: 1", "epochs: 2")
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", text)).with_overrides(keras_backend="jax")
+    prepared = prepare_sweep(spec, data_dir=data_dir)
+    if "jax" not in backend_trainers:
+        backend_trainers["jax"] = BackendTrainer("jax")
+    records, got = backend_trainers["jax"].train_group_reporting(
+        [r for r in prepared.runs if r.variant.name == "mlp_32"], prepared
+    )
+    assert [r.status for r in records] == [RunStatus.DONE] * 2, records[0].error
+    assert {r.versions["keras_backend"] for r in records} == {"jax"}
+    assert [r.metrics["steps_per_execution"] for r in records] == [32, 32]
+    # 64 steps an epoch, 32 a call: after the first call of each epoch, and at each epoch's end
+    assert sorted(got) == pytest.approx([0.25, 0.5, 0.75, 1.0]), got
+    assert max(got) == got[-1] == 1.0  # the group is done last, after its last validation
+
+
 def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_closed() -> None:
     """Keras may run the reporting callback in helper threads, in any order: the worker's sink
     sends one message at a time (they share the pipe with the group's records), never a smaller
