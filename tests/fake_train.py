@@ -63,6 +63,17 @@ def crashy(run, dataset) -> RunRecord:
     return _record(run)
 
 
+def returns_then_dies(run, dataset) -> RunRecord:
+    """Returns its record, then the process is killed a moment later (after the worker has sent
+    the record, before the driver has read it)."""
+    import threading
+
+    _log(run)
+    time.sleep(0.2)
+    threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGKILL)).start()
+    return _record(run)
+
+
 def flaky(run, dataset) -> RunRecord:
     """Fails the first attempt of every run (a marker file per run remembers), then succeeds."""
     _log(run)

@@ -139,6 +139,53 @@ def test_failures_are_isolated(prepared, log: Path, tmp_path: Path) -> None:
     assert pool.stats.worker_starts == 2 + 4  # each kill and each timeout got a fresh worker
 
 
+def test_a_record_sent_before_the_worker_died_counts_and_a_fresh_worker_takes_its_place(prepared, log: Path) -> None:
+    """The worker sends its group's record, then is killed before the driver reads its pipe: the
+    driver, learning of the death first, reads what the pipe holds before it gives the group up. The run is DONE (not lost,
+    not trained again), and a fresh worker takes the dead one's place and trains the next group."""
+    from harness.executor import GroupLost, GroupStarted, RecordsReturned, WorkGroup
+
+    def until_idle() -> None:
+        deadline = time.monotonic() + 60
+        while not pool.idle_backends() and time.monotonic() < deadline:
+            assert not pool.poll(0.05)  # nothing happens but a worker getting warm
+
+    pool = pool_for(prepared, "returns_then_dies", workers=1)
+    try:
+        pool.start()
+        until_idle()
+        first = prepared.runs[0]
+        pool.submit(WorkGroup(101, (first,)))
+        events = pool.poll(0.0)
+        assert [type(e) for e in events] == [GroupStarted]  # sent; it trains 0.2 s before it answers
+        worker = pool._members[0]
+        worker.process.join(timeout=60)  # no polling meanwhile: dead, its record unread in the pipe
+        assert worker.process.exitcode == -signal.SIGKILL
+        # the death seen before the pipe is read (`wait` may give the sentinel first)
+        pool._died(worker)
+        events = []
+        deadline = time.monotonic() + 30
+        while not any(isinstance(e, RecordsReturned) for e in events) and time.monotonic() < deadline:
+            events += pool.poll(0.2)
+        returned = [e for e in events if isinstance(e, RecordsReturned)]
+        assert [r.run_id for e in returned for r in e.records] == [first.run_id]
+        assert returned[0].records[0].status is RunStatus.DONE
+        assert not any(isinstance(e, GroupLost) for e in events)
+        fresh = pool._members[0]
+        assert fresh is not worker  # replaced
+        until_idle()
+        second = prepared.runs[1]
+        pool.submit(WorkGroup(102, (second,)))
+        events = []
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, RecordsReturned) for e in events) and time.monotonic() < deadline:
+            events += pool.poll(0.2)
+        assert [r.run_id for e in events if isinstance(e, RecordsReturned) for r in e.records] == [second.run_id]
+    finally:
+        pool.shutdown()
+    assert [c["seed"] for c in calls(log)] == [first.seed, second.seed]  # each trained once
+
+
 def test_retries_rerun_failed_runs_within_the_sweep(prepared, log: Path, tmp_path: Path) -> None:
     with SQLiteStore(tmp_path / "h.db") as store:
         outcome = run_sweep(prepared, store=store, pool=pool_for(prepared, "flaky"), retries=1)
