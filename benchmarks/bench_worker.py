@@ -6,13 +6,16 @@ with one thread, `harness.backends.keras_arrays_without_autotune`), and whether 
 1. start: two worker-like processes started together (a 2-worker pool on 2 cores), each with a
    CPU worker's environment (`harness.backends.worker_env`), timed from launch to the end of
    `harness.train.warm_up` (Python, the harness, Keras and TensorFlow imported, the worker's
-   settings applied). The two ways alternate for `--starts` rounds; medians and ranges.
+   settings applied). The two ways alternate for `--starts` rounds (which goes first, too);
+   medians and ranges.
 2. pipeline: one fused group (`--variant` of `sweeps/seed_notebooks.yaml`, its seeds, `--epochs`
    epochs, full MNIST) trained as a sweep's worker does (`harness.fused.train_group`: one `fit`
    call per epoch, then the test evaluation), in `--processes` fresh worker-like processes at
-   once (a 2-worker pool), each alternating the two pipelines for `--rounds` rounds. The stall it removes came after about half of Keras' `fit` and
-   `evaluate` calls (about 2.5 s each), so the training times are listed round by round, not only
-   their best; every seed's test accuracy and loss are compared bit for bit.
+   once (a 2-worker pool), each training one untimed group each way, then alternating the two
+   pipelines (A-B, B-A...) for `--rounds` rounds. Timed: the group's fit and test evaluation. The
+   stall it removes came after about half of Keras' `fit` and `evaluate` calls (about 2.5 s each),
+   so the times are listed group by group, not only their best; every seed's history, test
+   accuracy and loss, in every group, are compared bit for bit with the first group's.
 
     HARNESS_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_worker.py
 """
@@ -63,38 +66,61 @@ PIPELINE = textwrap.dedent(
     if not getattr(ours, "without_autotune", False):
         raise SystemExit("this Keras lays its array adapter out otherwise: nothing to compare")
     ways = {"autotune": keras_own, "no_autotune": ours}
-    seconds, answers = {way: [] for way in ways}, {}
-    for _ in range(rounds):
-        for way, method in ways.items():
-            ArrayDataAdapter.get_tf_dataset = method
-            records = fused.train_group(runs, prepared.dataset)
-            bad = [r for r in records if r.status.value not in ("done", "diverged")]
-            if bad:
-                raise SystemExit(f"{variant}: {bad[0].error}")
-            seconds[way].append(sum(r.timings["train_s"] for r in records))  # the group's fit, shared out
-            answers.setdefault(way, [(r.test_accuracy, r.metrics["test_loss"]) for r in records])
-    print("RESULT " + json.dumps({"seeds": len(runs), "seconds": seconds,
-                                  "same_bits": answers["autotune"] == answers["no_autotune"]}), flush=True)
+
+    def train(way):
+        ArrayDataAdapter.get_tf_dataset = ways[way]
+        records = fused.train_group(runs, prepared.dataset)
+        bad = [r for r in records if r.status.value not in ("done", "diverged")]
+        if bad:
+            raise SystemExit(f"{variant}: {bad[0].error}")
+        # the group's fit and its test evaluation (each record holds its share of both)
+        seconds = sum(r.timings["train_s"] + r.timings["eval_s"] for r in records)
+        return seconds, [(r.history, r.test_accuracy, r.metrics["test_loss"]) for r in records]
+
+    for way in ways:  # untimed: the first group of a process pays for tracing and first touches
+        _, first = train(way)
+    seconds, same = {way: [] for way in ways}, True
+    for round_ in range(rounds):
+        for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):  # A-B, then B-A
+            took, answers = train(way)
+            seconds[way].append(took)
+            same = same and answers == first  # every seed's history, accuracy and loss, every time
+    print("RESULT " + json.dumps({"seeds": len(runs), "seconds": seconds, "same_bits": same}), flush=True)
     """
 )
 
 
+def together(commands: list[list[str]], env: dict[str, str], timeout_s: float) -> list[str]:
+    """Run `commands` at once; their standard outputs. One that fails (or runs past `timeout_s`)
+    stops the others and ends the benchmark with its error output."""
+    children = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for cmd in commands]
+    outputs = []
+    try:
+        for child in children:
+            stdout, stderr = child.communicate(timeout=timeout_s)
+            if child.returncode != 0:
+                raise SystemExit(f"a benchmark process failed (exit {child.returncode}):\n{stderr[-3000:]}")
+            outputs.append(stdout)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return outputs
+
+
 def starts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, list[float]]:
-    """Seconds from launch to warm, for each of two processes started together, per way."""
+    """Seconds from launch to warm, for each of two processes started together, per way (the
+    ways alternate which goes first from round to round)."""
     out: dict[str, list[float]] = {"skip": [], "all": []}
-    for _ in range(args.starts):
-        for way in out:
+    for round_ in range(args.starts):
+        for way in (list(out) if round_ % 2 == 0 else list(out)[::-1]):
             launched = time.time()
-            children = [
-                subprocess.Popen([sys.executable, "-c", START, way], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True)
-                for _ in range(2)
-            ]
-            for child in children:
-                stdout, _ = child.communicate(timeout=600)
+            for stdout in together([[sys.executable, "-c", START, way]] * 2, env, 600):
                 warm = [line for line in stdout.splitlines() if line.startswith("WARM ")]
-                if child.returncode != 0 or not warm:
-                    raise SystemExit(f"a worker-like process failed to start (exit {child.returncode})")
+                if not warm:
+                    raise SystemExit("a worker-like process did not say it was warm")
                 out[way].append(float(warm[0].split()[1]) - launched)
     return out
 
@@ -102,17 +128,12 @@ def starts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, list[floa
 def pipeline(args: argparse.Namespace, env: dict[str, str]) -> dict:
     """`--processes` worker-like processes at once (a sweep's pool), each alternating the ways;
     their training times pooled per way."""
-    children = [
-        subprocess.Popen([sys.executable, "-c", PIPELINE, args.sweep, args.variant, str(args.epochs), str(args.rounds)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(args.processes)
-    ]
+    command = [sys.executable, "-c", PIPELINE, args.sweep, args.variant, str(args.epochs), str(args.rounds)]
     pooled: dict = {"seconds": {"autotune": [], "no_autotune": []}, "same_bits": True}
-    for child in children:
-        stdout, stderr = child.communicate()
+    for stdout in together([command] * args.processes, env, 3600):
         results = [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not results:
-            raise SystemExit(f"a pipeline process failed (exit {child.returncode}):\n{stderr[-3000:]}")
+        if not results:
+            raise SystemExit("a pipeline process gave no result")
         for way, seconds in results[0]["seconds"].items():
             pooled["seconds"][way] += seconds
         pooled["seeds"] = results[0]["seeds"]
@@ -149,7 +170,7 @@ def main() -> None:
         own, ours = result["seconds"]["autotune"], result["seconds"]["no_autotune"]
         print(f"`{args.variant}`, {result['seeds']} seeds fused, {args.epochs} epochs, full MNIST, in {args.processes} "
               f"processes at once ({args.rounds} rounds each, alternating)\n")
-        print("| Keras' array pipeline | training per group (s) | median (s) |")
+        print("| Keras' array pipeline | fit and test evaluation per group (s) | median (s) |")
         print("|---|---|---:|")
         print(f"| autotuning on (Keras' own) | {', '.join(f'{s:.1f}' for s in own)} | {statistics.median(own):.1f} |")
         print(f"| autotuning off, one thread | {', '.join(f'{s:.1f}' for s in ours)} | {statistics.median(ours):.1f} |")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from harness.devices import gpu_worker_memory_bytes
+from harness.devices import chosen_gpus, gpu_worker_memory_bytes
 from harness.errors import UserError
 from harness.executor import (
     DEFAULT_TRAIN_FN,
@@ -257,13 +257,18 @@ class _Dispatcher:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self) -> None:
-        for backend in self.executor.idle_backends():
-            group = self._next_group(backend)
-            if group is None:
-                return
-            self.in_flight[group.group_id] = _InFlight(group, set(group.run_ids))
-            self._log("submit", group.group_id, group.run_ids)
-            self.executor.submit(group)
+        queued = len(self.queue)
+        try:
+            for backend in self.executor.idle_backends():
+                group = self._next_group(backend)
+                if group is None:
+                    return
+                self.in_flight[group.group_id] = _InFlight(group, set(group.run_ids))
+                self._log("submit", group.group_id, group.run_ids)
+                self.executor.submit(group)
+        finally:
+            if len(self.queue) != queued:
+                self._queued()
 
     def _next_group(self, backend: str | None) -> WorkGroup | None:
         """The first queued group of `backend` (else the first of any), with its runs claimed."""
@@ -285,7 +290,9 @@ class _Dispatcher:
         self._log("claim", run.run_id, result.value)
         if result is Claim.FINISHED:
             self.finished_elsewhere += 1
-            self.progress.dropped(run.run_id)
+            # a retry another sweep finished meanwhile: its record is the store's, not our failure
+            self.final.pop(run.run_id, None)
+            self.progress.dropped(run)
         elif result is Claim.HELD:
             self.waiting.append(run)
         return result is Claim.CLAIMED
@@ -559,9 +566,11 @@ def _machine(spec: SweepSpec, options: SweepOptions) -> _Machine:
 
 
 def _memory_share(machine: _Machine, options: SweepOptions) -> int | None:
-    """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus`)."""
-    from harness.devices import chosen_gpus
-
+    """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus`);
+    None where it trains on none here (CPU, in this process, Ray: `_machine` looks for GPUs only
+    for the local pool)."""
+    if not machine.gpus:
+        return None
     used = chosen_gpus(machine.gpus, list(options.gpus) if options.gpus is not None else None)
     return gpu_worker_memory_bytes(used, options.runs_per_gpu)
 

@@ -251,10 +251,13 @@ class Progress:
             for run_id in members:
                 self.groups[run_id] = members
 
-    def dropped(self, run_id: str) -> None:
-        """A run this sweep will not train after all (another sweep finished it meanwhile)."""
-        if self.costs.pop(run_id, None) is not None:
+    def dropped(self, run: PlannedRun) -> None:
+        """A run this sweep will not train after all: another sweep finished it meanwhile (said in
+        a line, since the count of runs goes down by one)."""
+        if self.costs.pop(run.run_id, None) is not None:
             self.total -= 1
+            self.results.pop(run.run_id, None)  # a failed attempt here, retried: the store has it done
+            self._write(f"  {run.variant.name} seed={run.seed}: finished by another sweep meanwhile, not trained here")
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
         """Runs finished before this sweep started (`finished_runs`): the ETA knows from the

@@ -361,12 +361,13 @@ def test_an_estimate_is_rough_while_a_kind_of_model_waiting_has_not_trained_yet(
     assert "| ETA " in line and "| ETA ~" not in line and "| ETA ?" not in line, line
 
 
-def test_pending_groups_go_longest_first_to_the_worker_free_first() -> None:
+def test_pending_groups_go_in_queue_order_to_the_worker_free_first() -> None:
     """The notebooks sweep's end: one worker 96 s into a CNN group, four small fused groups left
     of about 29 s. The idle worker trains all four (116 s): an even share of the work (106 s)
-    said too little. A group's runs stay on one worker."""
+    said too little. A group's runs stay on one worker, and the queue's order is kept."""
     assert finish_time([96.0, 0.0], [29.0] * 4) == pytest.approx(116.0)
-    assert finish_time([0.0, 0.0], [10.0, 30.0, 20.0]) == pytest.approx(30.0)  # 30 | 20 + 10
+    assert finish_time([0.0, 0.0], [20.0, 10.0, 10.0]) == pytest.approx(20.0)  # 20 | 10 + 10
+    assert finish_time([0.0, 0.0], [10.0, 10.0, 20.0]) == pytest.approx(30.0)  # 10 + 20 | 10: as queued
     assert finish_time([5.0], []) == pytest.approx(5.0)
     assert finish_time([], [3.0, 4.0]) == pytest.approx(7.0)  # no worker known: one
 
@@ -397,3 +398,10 @@ def test_progress_keeps_a_fused_group_on_one_worker(tmp_path, data_dir) -> None:
     assert progress.eta_s() == pytest.approx(2.0)  # four 1-s runs over two workers
     progress.grouped([[r.run_id for r in runs]])
     assert progress.eta_s() == pytest.approx(4.0)  # one fused group of four: one worker's
+    # the queue's order: two singles, then the pair: 1 | 1, then the pair on one of them: 3 s;
+    # the pair first, then the singles: 2 | 1 + 1: 2 s
+    ids = [r.run_id for r in runs]
+    progress.grouped([[ids[0]], [ids[1]], [ids[2], ids[3]]])
+    assert progress.eta_s() == pytest.approx(3.0)
+    progress.grouped([[ids[2], ids[3]], [ids[0]], [ids[1]]])  # replaces what it was told before
+    assert progress.eta_s() == pytest.approx(2.0)

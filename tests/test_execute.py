@@ -96,10 +96,12 @@ def test_a_retried_run_is_recorded_claimed_again_and_counted_once(prepared, tmp_
     with SQLiteStore(tmp_path / "h.db") as store:
         outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(retries=2),
                             progress=progress, trace=trace)
-    # the ETA is told the queue: first every group, then the retried run alone at its front
+    # the ETA is told the queue as it changes: every group, less each one handed out, and the
+    # retried run alone at its front
     assert sorted(r for group in progress.queues[0] for r in group) == sorted(r.run_id for r in prepared.runs)
-    assert progress.queues[-1][0] == (prepared.runs[1].run_id,)
-    assert progress.groups[prepared.runs[1].run_id] == (prepared.runs[1].run_id,)
+    assert progress.queues[1] == progress.queues[0][1:]  # one worker (in this process): one group out
+    assert any(queue[:1] == [(prepared.runs[1].run_id,)] for queue in progress.queues)
+    assert progress.queues[-1] == []
     with SQLiteStore(tmp_path / "h.db", create=False) as store:
         assert store.attempts(prepared.runs[1].run_id) == 2 and store.claims() == {}
     target = prepared.runs[1].run_id
@@ -161,7 +163,30 @@ def test_a_run_another_sweep_finishes_meanwhile_is_not_trained(prepared, tmp_pat
     # the progress counts it out: not pending for the rest of the sweep, nor in the ETA
     assert (progress.total, progress.done, progress.pending) == (5, 5, 0) and held.run_id not in progress.costs
     # held, it came back in a queue of its own once nothing else was left
-    assert progress.queues[-1] == [(held.run_id,)]
+    assert [(held.run_id,)] in progress.queues
+
+
+def test_a_retry_another_sweep_finished_meanwhile_is_not_a_failure(prepared, tmp_path: Path) -> None:
+    """Seed 1 fails here and is queued again; before its retry is claimed, another sweep on the
+    store finishes it. The store's DONE record stands: this sweep reports no failure, trains it
+    no more, and its progress counts it out with a line saying why."""
+    trainer = Trainer(fail={("mlp_32", 1)})
+    target = next(r for r in prepared.runs if r.variant.name == "mlp_32" and r.seed == 1)
+    with SQLiteStore(tmp_path / "h.db") as store:
+
+        class OtherSweepFinishesIt(Watching):
+            def retried(self, record, attempt, retries) -> None:
+                super().retried(record, attempt, retries)
+                store.put(target.record(RunStatus.DONE, metrics={"test_accuracy": 0.5}))
+
+        progress = OtherSweepFinishesIt(prepared.runs)
+        outcome = run_sweep(prepared, store=store, executor=inline(prepared, trainer), options=SweepOptions(retries=1),
+                            progress=progress)
+        assert store.statuses([target.run_id]) == {target.run_id: RunStatus.DONE}
+    assert trainer.calls.count(("mlp_32", 1)) == 1
+    assert outcome.failed == 0 and not outcome.has_failed_runs and outcome.finished_elsewhere == 1
+    assert (progress.total, progress.done, progress.failed, progress.pending) == (5, 5, 0, 0)
+    assert "mlp_32 seed=1: finished by another sweep meanwhile" in progress.stream.getvalue()
 
 
 def test_groups_are_formed_from_pending_runs_of_one_variant(prepared, tmp_path: Path) -> None:
