@@ -175,8 +175,9 @@ def time_steps(kind: str, *, epochs: int = 2) -> float:
 
 
 def _main(argv: Sequence[str]) -> None:
-    from harness.backends import adapter
+    from harness.backends import adapter, import_keras_for_worker
 
+    import_keras_for_worker()  # a worker's environment, and Keras as a worker imports it
     backend = adapter()
     if argv[0] == "peak":
         size = next((int(a.split("=", 1)[1]) for a in argv[1:] if a.startswith("--size=")), None)
