@@ -84,30 +84,39 @@ PIPELINE = textwrap.dedent(
         for way in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):  # A-B, then B-A
             took, answers = train(way)
             seconds[way].append(took)
-            same = same and answers == first  # every seed's history, accuracy and loss, every time
+            # every seed's history, accuracy and loss, every time (as JSON: a NaN equals a NaN)
+            same = same and json.dumps(answers) == json.dumps(first)
     print("RESULT " + json.dumps({"seeds": len(runs), "seconds": seconds, "same_bits": same}), flush=True)
     """
 )
 
 
 def together(commands: list[list[str]], env: dict[str, str], timeout_s: float) -> list[str]:
-    """Run `commands` at once; their standard outputs. One that fails (or runs past `timeout_s`)
-    stops the others and ends the benchmark with its error output."""
+    """Run `commands` at once; their standard outputs. The first that fails, or all of them past
+    `timeout_s` in all, stops the others and ends the benchmark with its error output."""
     children = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for cmd in commands]
-    outputs = []
+    outputs: dict[int, tuple[str, str]] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for child in children:
-            stdout, stderr = child.communicate(timeout=timeout_s)
-            if child.returncode != 0:
-                raise SystemExit(f"a benchmark process failed (exit {child.returncode}):\n{stderr[-3000:]}")
-            outputs.append(stdout)
+        while len(outputs) < len(children):
+            for index, child in enumerate(children):
+                if index in outputs:
+                    continue
+                try:  # reads both pipes meanwhile (no child blocks on a full one); safe to call again
+                    outputs[index] = child.communicate(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"a benchmark process ran past {timeout_s:g} s") from None
+                    continue
+                if child.returncode != 0:
+                    raise SystemExit(f"a benchmark process failed (exit {child.returncode}):\n{outputs[index][1][-3000:]}")
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    return outputs
+    return [outputs[index][0] for index in range(len(children))]
 
 
 def starts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, list[float]]:

@@ -207,9 +207,10 @@ def sweep(
         click.echo(describe_sweep(spec, options, notify=note))
         return
     outcome = execute_sweep(spec, options, notify=note)
+    elsewhere = f", {outcome.finished_elsewhere} finished by another sweep meanwhile" if outcome.finished_elsewhere else ""
     click.echo(
         f"sweep {spec.name}: {outcome.planned} runs planned, {outcome.skipped} already in the store, "
-        f"{outcome.trained} trained ({outcome.failed} failed or diverged); store {store_path}"
+        f"{outcome.trained} trained ({outcome.failed} failed or diverged){elsewhere}; store {store_path}"
     )
     if outcome.has_failed_runs:
         sys.exit(EXIT_RUNS_FAILED)

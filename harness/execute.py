@@ -525,7 +525,7 @@ def run_adaptive(
     trained = {record.run_id: record for outcome in outcomes for record in outcome.records}
     return SweepOutcome(
         planned=distinct,
-        skipped=distinct - len(trained),
+        skipped=distinct - len(trained) - sum(o.finished_elsewhere for o in outcomes),
         records=tuple(trained.values()),
         attempts=sum(o.attempts for o in outcomes),
         finished_elsewhere=sum(o.finished_elsewhere for o in outcomes),

@@ -254,9 +254,8 @@ class Progress:
     def dropped(self, run: PlannedRun) -> None:
         """A run this sweep will not train after all: another sweep finished it meanwhile (said in
         a line, since the count of runs goes down by one)."""
-        if self.costs.pop(run.run_id, None) is not None:
+        if self.costs.pop(run.run_id, None) is not None:  # (a retried run is not in `results`)
             self.total -= 1
-            self.results.pop(run.run_id, None)  # a failed attempt here, retried: the store has it done
             self._write(f"  {run.variant.name} seed={run.seed}: finished by another sweep meanwhile, not trained here")
 
     def remember(self, finished: Sequence["FinishedRun"]) -> None:
