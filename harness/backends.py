@@ -457,6 +457,7 @@ def keras_arrays_without_autotune(*, threads: int = 1) -> None:
         return original(self).with_options(options)
 
     get_tf_dataset.without_autotune = True  # type: ignore[attr-defined]
+    get_tf_dataset.keras_own = original  # type: ignore[attr-defined]  (Keras' own, for comparisons)
     ArrayDataAdapter.get_tf_dataset = get_tf_dataset
 
 

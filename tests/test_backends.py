@@ -281,17 +281,18 @@ def test_timeouts_isolate_and_resume_on_every_backend(backend: str, tmp_path: Pa
 
 
 KERAS_PIPELINE = """
+import importlib
 import importlib.util
 import json
 import sys
 
-if sys.argv[1] == "worker":  # Keras imported as a sweep worker starts (`train.warm_up`)
-    from harness.train import warm_up
+from harness.backends import import_keras_for_worker, keras_arrays_without_autotune
+from harness.train import warm_up
 
-    warm_up()
-    installed = [m for m in ("sklearn", "matplotlib", "jax") if importlib.util.find_spec(m) is not None]
-    skipped = [m for m in installed if m not in sys.modules]
-    later = [importlib.import_module(m).__name__ for m in installed]  # as a user's model module imports them
+import_keras_for_worker()  # the first half of a worker's `train.warm_up`: Keras imported
+installed = [m for m in ("sklearn", "matplotlib", "jax") if importlib.util.find_spec(m) is not None]
+skipped = [m for m in installed if m not in sys.modules]
+later = [importlib.import_module(m).__name__ for m in installed]  # as a user's model module imports them
 
 import numpy as np
 import keras
@@ -311,51 +312,42 @@ def train():
 def options():
     return ArrayDataAdapter(np.zeros((10, 2)), np.zeros((10,)), batch_size=4).get_tf_dataset().options()
 
-from harness.backends import adapter, keras_arrays_without_autotune
-if sys.argv[1] == "worker":  # a CPU worker's settings
-    adapter()
-    ours = options()
-    print(json.dumps({"ours": [ours.autotune.enabled, ours.threading.private_threadpool_size], "installed": installed,
-                      "skipped": skipped, "later": later}))
-else:
-    before, keras_own = train(), options()
-    keras_arrays_without_autotune(threads=1)
-    wrapped = ArrayDataAdapter.get_tf_dataset
-    keras_arrays_without_autotune(threads=1)  # once per process
-    after, ours = train(), options()
-    print(json.dumps({
-        "keras_own": [keras_own.autotune.enabled, keras_own.threading.private_threadpool_size],
-        "ours": [ours.autotune.enabled, ours.threading.private_threadpool_size],
-        "wrapped_once": ArrayDataAdapter.get_tf_dataset is wrapped,
-        "same_bits": all(np.array_equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1],
-    }))
+warm_up()  # the second half: the worker's settings (CPU, one thread) through its adapter
+wrapped = ArrayDataAdapter.get_tf_dataset
+keras_arrays_without_autotune(threads=1)  # once per process
+wrapped_once = ArrayDataAdapter.get_tf_dataset is wrapped
+after, ours = train(), options()
+ArrayDataAdapter.get_tf_dataset = wrapped.keras_own  # Keras' own pipeline, in the same process
+before, keras_own = train(), options()
+print(json.dumps({
+    "installed": installed, "skipped": skipped, "later": later,
+    "keras_own": [keras_own.autotune.enabled, keras_own.threading.private_threadpool_size],
+    "ours": [ours.autotune.enabled, ours.threading.private_threadpool_size],
+    "wrapped_once": wrapped_once,
+    "same_bits": all(np.array_equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1],
+}))
 """
 
 
 def test_a_tensorflow_cpu_worker_feeds_arrays_without_tf_data_autotuning() -> None:
-    """A worker imports Keras without the integrations it never uses. Keras' tf.data pipeline for arrays, with autotuning off and one thread (its teardown after
-    each `fit` and `evaluate` stalled about 2.5 s half the time): the same training to the bit,
-    shuffling and validation included."""
+    """A worker imports Keras without the integrations it never uses, and feeds arrays through
+    Keras' tf.data pipeline with autotuning off and one thread (its teardown after each `fit` and
+    `evaluate` stalled about 2.5 s half the time): the same training to the bit, shuffling and
+    validation included."""
     pytest.importorskip("tensorflow")
     import json
     import os
 
     env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-    def run(mode: str) -> dict:
-        done = subprocess.run([sys.executable, "-c", KERAS_PIPELINE, mode], capture_output=True, text=True, env=env,
-                              timeout=300, cwd=Path(__file__).resolve().parents[1])
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    worker = run("worker")
-    assert worker["ours"] == [False, 1]  # what a CPU worker's adapter sets up
+    done = subprocess.run([sys.executable, "-c", KERAS_PIPELINE], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
     # Keras was imported without the integrations it loads eagerly (scikit-learn, matplotlib, and
     # JAX under TensorFlow), and a later import of them by any other module still loads them
-    assert worker["skipped"] == worker["installed"] and worker["later"] == worker["installed"]
-    out = run("bits")
+    assert out["skipped"] == out["installed"] and out["later"] == out["installed"]
     assert out["keras_own"][0] is not False  # Keras' default: autotuning on
-    assert out["ours"] == [False, 1]
+    assert out["ours"] == [False, 1]  # what a CPU worker's adapter sets up
     assert out["wrapped_once"] and out["same_bits"]
 
 
