@@ -247,3 +247,18 @@ def test_in_process_runs_one_backend_only(tmp_path: Path, data_dir: Path) -> Non
     result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db", "--in-process")
     assert result.exit_code == 2 and "runs Keras on one backend only" in result.stderr
     assert not (tmp_path / "h.db").exists()
+
+
+def test_the_last_line_counts_runs_another_sweep_finished(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """planned = already in the store + trained here + finished by another sweep meanwhile: the
+    line says all three (the routine's count of the last is tested in tests/test_execute.py)."""
+    import harness.execute
+    from harness.execute import SweepOutcome
+
+    monkeypatch.setattr(harness.execute, "execute_sweep",
+                        lambda spec, options, notify=None: SweepOutcome(planned=4, skipped=1, records=(), attempts=2,
+                                                                        finished_elsewhere=3))
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=2))
+    result = invoke("sweep", sweep, "--data-dir", data_dir, "--store", tmp_path / "h.db")
+    assert result.exit_code == 0, result.output
+    assert "4 runs planned, 1 already in the store, 0 trained (0 failed or diverged), 3 finished by another sweep meanwhile;" in result.output
