@@ -14,6 +14,7 @@ from harness.eta import (
     CostTracker,
     RunCost,
     Running,
+    beyond_the_runs_seen,
     extrapolate,
     finish_time,
     fit_cost_model,
@@ -405,3 +406,32 @@ def test_progress_keeps_a_fused_group_on_one_worker(tmp_path, data_dir) -> None:
     assert progress.eta_s() == pytest.approx(3.0)
     progress.grouped([[ids[2], ids[3]], [ids[0]], [ids[1]]])  # replaces what it was told before
     assert progress.eta_s() == pytest.approx(2.0)
+
+
+def test_a_model_without_steps_is_not_stretched_to_runs_with_more_steps_per_flop() -> None:
+    """The notebooks sweep under `auto`, four minutes in: four big groups seen (a CNN and three
+    MLPs, their runs' times as measured), FLOPs alone predicts each from the others best. Seed
+    003's 64-64 MLP (9,375 steps of small batches per run) has more steps per FLOP than any of
+    them: its group took 19.5 s. FLOPs alone said 7.6 s; the steps-and-FLOPs fit says 18.4 s."""
+    seen = [
+        (RunCost(12000, 2_879_078_400_000), 34.1),  # seed 000's 256x4, batch 100
+        (RunCost(1920, 1_849_441_536_000), 36.9),  # seed 001's CNN
+        (RunCost(9380, 1_935_360_000_000), 23.9),  # seed 002's 256x2 with dropout, batch 128
+        (RunCost(93750, 1_209_600_000_000), 40.5),  # seed 004's 64x5, batch 32, 50 epochs
+    ]
+    tracker = CostTracker()
+    for cost, seconds in seen:
+        for _seed in range(5):
+            tracker.observe("cpu.0", cost, seconds)
+    flops_only = tracker.model(None)
+    assert flops_only.step_s == 0 and flops_only.flop_s > 0  # what leave-one-out chooses here
+    mlp = RunCost(9375, 98_841_600_000)
+    assert 5 * flops_only.predict(mlp) == pytest.approx(7.6, abs=0.1)
+    eta = tracker.eta_s(pending=[[mlp] * 5], running=[], slots=1)
+    assert eta == pytest.approx(18.4, abs=0.2)  # 19.5 s in fact
+    # within the runs seen the model chosen stands: a run like seed 000's 256x4
+    inside = RunCost(6000, 1_500_000_000_000)
+    assert tracker.eta_s(pending=[inside], running=[], slots=1) == pytest.approx(flops_only.predict(inside))
+    # and a model with both rates is never replaced
+    both = CostModel(0.0, 0.001, 1e-11, "fit (9 runs)")
+    assert beyond_the_runs_seen(both, seen, [mlp]) is both
