@@ -435,3 +435,20 @@ def test_a_model_without_steps_is_not_stretched_to_runs_with_more_steps_per_flop
     # and a model with both rates is never replaced
     both = CostModel(0.0, 0.001, 1e-11, "fit (9 runs)")
     assert beyond_the_runs_seen(both, seen, [mlp]) is both
+
+
+def test_the_two_rates_are_fitted_non_negative_so_a_fold_cannot_rule_them_out() -> None:
+    """The same sweep half a minute later: a step-bound group (seed 003's 10-epoch 64x2) has been
+    seen too. A leave-one-out fold of the steps-and-FLOPs fit came out with a negative rate, which
+    ruled it out, and FLOPs alone put the next 64x2 group at 7.7 s (16.4 s in fact). Fitted
+    non-negative (the fold falls back to its better one-rate fit), the two rates are chosen."""
+    seen = [
+        (RunCost(1920, 1_849_441_536_000), 36.7),
+        (RunCost(93750, 1_209_600_000_000), 41.2),
+        (RunCost(9380, 1_935_360_000_000), 24.1),
+        (RunCost(12000, 2_879_078_400_000), 34.4),
+        (RunCost(18750, 197_683_200_000), 6.4),  # seed 003's 64x2, 10 epochs of batch 32
+    ]
+    model = fit_cost_model([point for point in seen for _seed in range(5)])
+    assert model.step_s > 0 and model.flop_s > 0 and model.intercept_s == 0
+    assert 5 * model.predict(RunCost(9375, 98_841_600_000)) == pytest.approx(18.6, abs=0.2)  # 16.4 s in fact
