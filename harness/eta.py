@@ -144,10 +144,7 @@ def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: Cost
     obs = [(c, s) for c, s in observations if s > 0 and math.isfinite(s)]
     if not obs:
         return prior
-    by_cost: dict[RunCost, list[float]] = {}
-    for cost, seconds in obs:
-        by_cost.setdefault(cost, []).append(seconds)
-    points = [(cost, sum(times) / len(times)) for cost, times in by_cost.items()]
+    points = _mean_per_cost(obs)
     chooser = points[-SELECTION_POINTS:]  # leave-one-out is quadratic: the latest costs choose
     best: tuple[float, tuple[str, ...] | None] = (_loo_error(None, chooser, prior), None)
     for size in (1, 2, 3):
@@ -164,6 +161,18 @@ def fit_cost_model(observations: Sequence[tuple[RunCost, float]], *, prior: Cost
         if fitted is not None:
             return dataclasses.replace(fitted, distinct=len(points))
     return _scaled_prior(points, prior, distinct=len(points), runs=len(obs))
+
+
+def _mean_per_cost(obs: Sequence[tuple[RunCost, float]]) -> list[tuple[RunCost, float]]:
+    """One point per distinct run cost, its mean time (the runs of one fused group share one)."""
+    by_cost: dict[RunCost, list[float]] = {}
+    for cost, seconds in obs:
+        by_cost.setdefault(cost, []).append(seconds)
+    return [(cost, sum(times) / len(times)) for cost, times in by_cost.items()]
+
+
+def _steps_per_flop(cost: RunCost) -> float:
+    return cost.steps / max(1, cost.flops)
 
 
 def _scaled_prior(
@@ -308,22 +317,16 @@ def beyond_the_runs_seen(
     the steps-and-FLOPs fit said 141 s for the six, 149 s in fact."""
     if not pending or not model.source.startswith("fit") or (model.step_s > 0 and model.flop_s > 0):
         return model
-    obs = [(c, s) for c, s in observations if s > 0 and math.isfinite(s)]
-    if not obs:
+    points = _mean_per_cost([(c, s) for c, s in observations if s > 0 and math.isfinite(s)])
+    if not points:
         return model
-    ratios = [c.steps / max(1, c.flops) for c, _s in obs]
+    ratios = [_steps_per_flop(c) for c, _s in points]
     low, high = min(ratios), max(ratios)
     past = any(
-        (model.step_s == 0 and c.steps / max(1, c.flops) > high) or (model.flop_s == 0 and c.steps / max(1, c.flops) < low)
+        (model.step_s == 0 and _steps_per_flop(c) > high) or (model.flop_s == 0 and _steps_per_flop(c) < low)
         for c in pending
     )
-    if not past:
-        return model
-    by_cost: dict[RunCost, list[float]] = {}
-    for cost, seconds in obs:
-        by_cost.setdefault(cost, []).append(seconds)
-    points = [(cost, sum(times) / len(times)) for cost, times in by_cost.items()]
-    if len(points) < 2:
+    if not past or len(points) < 2:
         return model
     both = _fit_subset(("step_s", "flop_s"), points, source=f"{model.source}, steps and FLOPs beyond the runs seen")
     return dataclasses.replace(both, distinct=model.distinct) if both is not None else model
