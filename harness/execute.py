@@ -258,17 +258,15 @@ class _Dispatcher:
 
     def _dispatch(self) -> None:
         queued = len(self.queue)
-        try:
-            for backend in self.executor.idle_backends():
-                group = self._next_group(backend)
-                if group is None:
-                    return
-                self.in_flight[group.group_id] = _InFlight(group, set(group.run_ids))
-                self._log("submit", group.group_id, group.run_ids)
-                self.executor.submit(group)
-        finally:
-            if len(self.queue) != queued:
-                self._queued()
+        for backend in self.executor.idle_backends():
+            group = self._next_group(backend)
+            if group is None:
+                break
+            self.in_flight[group.group_id] = _InFlight(group, set(group.run_ids))
+            self._log("submit", group.group_id, group.run_ids)
+            self.executor.submit(group)
+        if len(self.queue) != queued:
+            self._queued()
 
     def _next_group(self, backend: str | None) -> WorkGroup | None:
         """The first queued group of `backend` (else the first of any), with its runs claimed."""
