@@ -175,9 +175,10 @@ def time_steps(kind: str, *, epochs: int = 2) -> float:
 
 
 def _main(argv: Sequence[str]) -> None:
-    from harness.backends import adapter, import_keras_for_worker
+    from harness.backends import adapter
+    from harness.train import warm_up
 
-    import_keras_for_worker()  # a worker's environment, and Keras as a worker imports it
+    warm_up()  # a worker's environment, and Keras imported and configured as a worker's
     backend = adapter()
     if argv[0] == "peak":
         size = next((int(a.split("=", 1)[1]) for a in argv[1:] if a.startswith("--size=")), None)
