@@ -147,6 +147,35 @@ def test_seeds_go_only_where_the_interval_is_wide_and_a_rerun_trains_nothing(tmp
     assert "Still wider with fewer than 8 seeds (most runs failed, or the sweep has not finished): broken." in text
 
 
+def test_a_run_another_sweep_finishes_in_a_later_round_is_not_counted_as_skipped(tmp_path: Path, data_dir: Path) -> None:
+    """Round 2 queues noisy's seeds 3-5; another sweep on the store finishes seed 3 before this one
+    claims it. The outcome counts it apart: planned = skipped + trained + finished elsewhere, and
+    skipped stays what the store held at the start (none), as the CLI's last line says."""
+    from harness.sweep import prepare_sweep
+
+    spec = load_sweep(write_sweep(tmp_path / "a.yaml", ADAPTIVE))
+    options = SweepOptions(store=tmp_path / "h.db", data_dir=data_dir, executor="inline", train_fn="fake_train:spread")
+    candidates = prepare_sweep(spec, data_dir=data_dir).runs
+    target = next(r for r in candidates if r.variant.name == "noisy" and r.seed == 3)
+
+    class OtherSweepFinishesIt(Progress):
+        def grouped(self, queue) -> None:
+            queue = [tuple(group) for group in queue]
+            super().grouped(queue)
+            if any(target.run_id in group for group in queue) and not self.__dict__.get("put"):
+                self.put = True
+                with SQLiteStore(tmp_path / "h.db", create=False) as other:  # what fake_train.spread gives
+                    other.put(target.record(RunStatus.DONE, metrics={"test_accuracy": 0.90 + ((3 * 37) % 11 - 5) / 100}))
+
+    progress = OtherSweepFinishesIt(candidates, stream=io.StringIO())  # one progress for every round
+    outcome = execute_sweep(spec, options, progress=progress)
+    assert progress.__dict__.get("put")  # round 2 queued it
+    assert outcome.planned == 14 and outcome.finished_elsewhere == 1
+    assert outcome.trained == 13 and outcome.skipped == 0
+    assert target.run_id not in {r.run_id for r in outcome.records}
+    assert "noisy seed=3: finished by another sweep meanwhile" in progress.stream.getvalue()
+
+
 def test_a_fixed_seed_sweep_resumed_with_auto_adds_only_what_is_needed(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
