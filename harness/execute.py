@@ -100,6 +100,11 @@ class SweepOptions:
             raise UserError(f"must be a positive number of seconds (got {self.timeout_s})", key="--timeout")
         if self.address is not None and self.executor is not ExecutorKind.RAY:
             raise UserError("--address is for --executor ray", key="--address")
+        if self.gpus and self.executor is ExecutorKind.RAY:
+            raise UserError(
+                "Ray gives each actor its GPU: use --gpus none for CPU actors only, or leave --gpus out",
+                key="--gpus",
+            )
 
     @property
     def trainer(self) -> Trainer:
@@ -552,25 +557,39 @@ class _Machine:
         return max(self.backends, key=self.backends.__getitem__)
 
 
-def _machine(spec: SweepSpec, options: SweepOptions) -> _Machine:
+def _machine(spec: SweepSpec, options: SweepOptions, *, gpus: Sequence | None = None) -> _Machine:
+    """`gpus` (a Ray cluster's, `_on_cluster`) or, for the local pool, nvidia-smi's."""
     from harness.devices import allowed_cpus, detect_gpus
     from harness.plan import BackendContext, sweep_backends
 
-    gpus = tuple(detect_gpus()) if options.gpus != () and options.executor is ExecutorKind.POOL else ()
+    if gpus is None:
+        gpus = tuple(detect_gpus()) if options.gpus != () and options.executor is ExecutorKind.POOL else ()
+    gpus = tuple(gpus)
     on_gpu = bool(gpus)
     context = BackendContext(device_kind="gpu" if on_gpu else "cpu", calibration=_calibration(options.store, on_gpu))
     backends = sweep_backends(spec, context)  # a missing backend is an error here, before anything starts
     return _Machine(gpus=gpus, cpus=allowed_cpus(), backend_context=context, backends=backends)
 
 
+def _on_cluster(spec: SweepSpec, options: SweepOptions, machine: _Machine) -> _Machine:
+    """A Ray sweep's machine once connected: the cluster's GPUs (`ray_executor.cluster_gpus`),
+    so that the fusion width, `auto`'s backend and the actors' memory share are a GPU's; as it
+    was where the cluster has none or `--gpus none` keeps the actors on CPUs."""
+    if options.gpus == ():
+        return machine
+    from harness.ray_executor import cluster_gpus
+
+    gpus = cluster_gpus()
+    return _machine(spec, options, gpus=gpus) if gpus else machine
+
+
 def _memory_share(machine: _Machine, options: SweepOptions) -> int | None:
-    """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus`);
-    None where it trains on none here (CPU, in this process, Ray: `_machine` looks for GPUs only
-    for the local pool)."""
+    """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus` on
+    this machine; a Ray cluster's all); None where it trains on none (CPU, in this process)."""
     if not machine.gpus:
         return None
-    used = chosen_gpus(machine.gpus, list(options.gpus) if options.gpus is not None else None)
-    return gpu_worker_memory_bytes(used, options.runs_per_gpu)
+    use = list(options.gpus) if options.gpus is not None and options.executor is ExecutorKind.POOL else None
+    return gpu_worker_memory_bytes(chosen_gpus(machine.gpus, use), options.runs_per_gpu)
 
 
 def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
@@ -690,6 +709,7 @@ def execute_sweep(
         from harness.ray_executor import connect
 
         owns_cluster = connect(options.address)  # no Ray, or no cluster there: one line, nothing written
+        machine = _on_cluster(spec, options, machine)
     try:
         if options.executor is ExecutorKind.POOL and not _sweep_in_store(options.store, spec.name):
             # A new sweep: every run is pending, so start the workers now; they import Keras and

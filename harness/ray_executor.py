@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from harness.devices import WorkerSlot
+from harness.devices import Gpu, WorkerSlot
 from harness.errors import UserError, WorkerStartError
 from harness.executor import (
     ExecutorEvent,
@@ -116,6 +116,76 @@ def disconnect() -> None:
         ray = sys.modules["ray"]
         if ray.is_initialized():
             ray.shutdown()
+
+
+# How long the driver waits for the GPU nodes to say what GPUs they have (`cluster_gpus`); a node
+# silent longer counts its GPUs with an unknown size, as a node without nvidia-smi does.
+GPU_PROBE_TIMEOUT_S = 60.0
+
+
+def _node_gpus() -> list[tuple[int, str, int]]:
+    """On a cluster node: its GPUs as nvidia-smi lists them (index, name, MiB)."""
+    from harness.devices import detect_gpus
+
+    return [(gpu.index, gpu.name, gpu.memory_mib) for gpu in detect_gpus()]
+
+
+def node_gpus(count: float, listed: Sequence[tuple[int, str, int]] | None, *, node: str, first: int = 0) -> list[Gpu]:
+    """The `count` GPUs Ray schedules on one node (its "GPU" resource), each sized as the smallest
+    GPU nvidia-smi `listed` there: Ray may be told to use some of a node's GPUs, and which ones
+    it hands an actor is its choice. Size 0 (unknown) where nothing was listed (no nvidia-smi, or
+    GPUs Ray was told of that are not NVIDIA's). Numbered from `first` (indices across a cluster)."""
+    listed = [g for g in (listed or ()) if int(g[2]) > 0] or list(listed or ())
+    smallest = min(listed, key=lambda g: int(g[2])) if listed else None
+    name = f"{smallest[1]} on {node}" if smallest else f"GPU on {node}"
+    memory = int(smallest[2]) if smallest else 0
+    return [Gpu(index=first + i, name=name, memory_mib=memory) for i in range(int(count))]
+
+
+def gpu_nodes(nodes: Sequence[dict]) -> list[dict]:
+    """The live nodes of `ray.nodes()` with at least one whole GPU."""
+    return [n for n in nodes if n.get("Alive") and float((n.get("Resources") or {}).get("GPU", 0)) >= 1]
+
+
+def usable_resources(resources: dict[str, float], gpus: tuple[int, ...] | None) -> dict[str, float]:
+    """`ray.cluster_resources()` as a sweep may use them: without its GPUs for `--gpus none`."""
+    return {k: v for k, v in resources.items() if not (gpus == () and k == "GPU")}
+
+
+def cluster_gpus(*, timeout_s: float = GPU_PROBE_TIMEOUT_S, nodes: Sequence[dict] | None = None) -> list[Gpu]:
+    """The GPUs of the connected Ray cluster: for each of its `gpu_nodes` (or `nodes`), as many as
+    Ray counts there, sized by what nvidia-smi lists on that node (a task of no CPU and no GPU
+    pinned to the node, so it runs even when every GPU is busy). Nodes that do not answer within
+    `timeout_s` count with an unknown size. No GPU resource anywhere: no task, an empty list."""
+    ray = import_ray()
+    nodes = gpu_nodes(ray.nodes()) if nodes is None else list(nodes)
+    if not nodes:
+        return []
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(_node_gpus)
+    refs = [
+        probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    answered = set(ready)
+    gpus: list[Gpu] = []
+    for node, ref in zip(nodes, refs):
+        listed = None
+        if ref in answered:
+            try:
+                listed = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a node that cannot run the probe: sizes unknown
+                listed = None
+        else:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - finished or gone meanwhile
+                pass
+        address = str(node.get("NodeManagerAddress") or node["NodeID"][:8])
+        gpus += node_gpus(node["Resources"]["GPU"], listed, node=address, first=len(gpus))
+    return gpus
 
 
 def ray_slots(
@@ -295,11 +365,12 @@ class RayExecutor(SlotPool):
     def for_cluster(
         cls, *, spec, options, backend: str, pending: int, dataset, owns_cluster: bool, memory_bytes: int | None = None
     ) -> "RayExecutor":
-        """Actors sized to the connected cluster (`connect` first); GPU actors are told
-        `memory_bytes`, the share of GPU memory the fusion width was planned with."""
+        """Actors sized to the connected cluster (`connect` first; its GPUs unless `--gpus none`);
+        GPU actors are told `memory_bytes`, the share of GPU memory the fusion width was planned
+        with (`cluster_gpus`)."""
         ray = import_ray()
         slots = ray_slots(
-            ray.cluster_resources(), pending=pending, backend=backend, runs_per_gpu=options.runs_per_gpu,
+            usable_resources(ray.cluster_resources(), options.gpus), pending=pending, backend=backend, runs_per_gpu=options.runs_per_gpu,
             workers=options.workers, threads=options.threads, deterministic=spec.deterministic,
             memory_bytes=memory_bytes,
         )

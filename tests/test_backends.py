@@ -108,7 +108,7 @@ def test_each_gpu_worker_is_told_the_memory_share_the_groups_were_planned_with(m
     machine = _Machine(gpus=tuple(gpus), cpus=(0,), backend_context=None, backends={"tensorflow": 1})
     assert _memory_share(machine, SweepOptions(gpus=(0,), runs_per_gpu=3)) == big
     assert _memory_share(machine, SweepOptions(gpus=None, runs_per_gpu=3)) == share
-    # Ray and --in-process look for no GPU here (`_machine`): no share, and --gpus is no error
+    # --in-process looks for no GPU (`_machine`): no share, and --gpus is no error
     no_gpus = dataclasses.replace(machine, gpus=())
     assert _memory_share(no_gpus, SweepOptions(gpus=(0,), runs_per_gpu=3)) is None
     assert all(DEVICE_MEMORY_ENV not in s.environ() for s in plan_workers(gpus=[], pending=4, cpu_count=4))

@@ -54,6 +54,76 @@ def test_address_without_ray_executor_is_refused() -> None:
     assert result.exit_code == 2
 
 
+def test_gpus_on_ray_are_ray_s_to_give(tmp_path: Path) -> None:
+    """--gpus names this machine's GPUs; on Ray it may only say none (CPU actors): anything else
+    is one line, exit 2, before Ray is imported or anything written."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+    from harness.errors import UserError
+    from harness.execute import ExecutorKind, SweepOptions
+
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100))
+    result = CliRunner().invoke(cli, ["sweep", str(sweep), "--store", str(tmp_path / "h.db"), "--executor", "ray", "--gpus", "0"])
+    assert result.exit_code == 2 and "--gpus" in result.output and "Ray gives each actor its GPU" in result.output
+    assert not (tmp_path / "h.db").exists()
+    with pytest.raises(UserError):
+        SweepOptions(executor=ExecutorKind.RAY, gpus=(0, 1))
+    assert SweepOptions(executor=ExecutorKind.RAY, gpus=()).gpus == ()
+
+
+def test_a_gpu_cluster_is_counted_by_ray_and_sized_by_its_nodes_nvidia_smi() -> None:
+    """Ray's GPU count per node, each sized as the smallest GPU that node lists (which of them Ray
+    hands an actor is its choice); unknown (0) where the node listed none; the sweep then plans
+    for a GPU: its memory share from the smallest, --gpus none keeps the cluster's GPUs out."""
+    import dataclasses
+
+    from harness.execute import ExecutorKind, SweepOptions, _Machine, _memory_share, _on_cluster
+    from harness.ray_executor import gpu_nodes, node_gpus, usable_resources
+
+    listed = [(0, "NVIDIA H100 80GB HBM3", 81559), (1, "NVIDIA A100-SXM4-40GB", 40960)]
+    two = node_gpus(2.0, listed, node="10.0.0.5", first=3)
+    assert [g.index for g in two] == [3, 4] and {g.memory_mib for g in two} == {40960}
+    assert "A100" in two[0].name and "10.0.0.5" in two[0].name
+    assert len(node_gpus(1.0, listed, node="n")) == 1  # Ray told of fewer GPUs than the node has
+    assert [g.memory_mib for g in node_gpus(3.0, None, node="n")] == [0, 0, 0]  # no answer
+    assert node_gpus(1.0, [(0, "X", 0), (1, "X", 16000)], node="n")[0].memory_mib == 16000
+    assert node_gpus(1.0, [(0, "X", 0)], node="n")[0].memory_mib == 0
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+        {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}},  # a dead node
+        {"Alive": True, "Resources": {"CPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 0.5}},  # no whole GPU: no GPU actor fits
+    ]
+    assert gpu_nodes(nodes) == nodes[:1]
+    assert usable_resources({"CPU": 8.0, "GPU": 2.0}, ()) == {"CPU": 8.0}
+    assert usable_resources({"CPU": 8.0, "GPU": 2.0}, None) == {"CPU": 8.0, "GPU": 2.0}
+    cluster = _Machine(gpus=tuple(two + node_gpus(1.0, listed[:1], node="b", first=5)), cpus=(0,),
+                       backend_context=None, backends={"tensorflow": 1})
+    ray_options = SweepOptions(executor=ExecutorKind.RAY, runs_per_gpu=2)
+    assert _memory_share(cluster, ray_options) == int(40960 * 2**20 * 0.9 / 2)
+    cpu_only = dataclasses.replace(cluster, gpus=())
+    none = SweepOptions(executor=ExecutorKind.RAY, gpus=())
+    assert _on_cluster(None, none, cpu_only) is cpu_only  # --gpus none: the cluster is not asked
+
+
+def test_the_gpu_probe_runs_on_the_node_it_asks_in_bounded_time(ray_cluster) -> None:
+    """On the real local cluster: no node has a GPU resource, so nothing is probed. Told that its
+    node has two (as a GPU node says), the probe, a task of no CPU pinned to that node, answers
+    with what nvidia-smi lists there (nothing on this machine: two GPUs of unknown size)."""
+    from harness.devices import detect_gpus
+    from harness.ray_executor import cluster_gpus
+
+    assert cluster_gpus() == []
+    node = dict(ray_cluster.nodes()[0])
+    node["Resources"] = {**node["Resources"], "GPU": 2.0}
+    here = [g.memory_mib for g in detect_gpus()]
+    expected = min([m for m in here if m > 0] or [0])
+    gpus = cluster_gpus(nodes=[node], timeout_s=120)
+    assert [(g.index, g.memory_mib) for g in gpus] == [(0, expected), (1, expected)]
+    assert node["NodeManagerAddress"] in gpus[0].name
+
+
 def test_the_local_cluster_is_loopback_token_auth_and_no_dashboard(ray_cluster) -> None:
     ray = ray_cluster
     nodes = ray.nodes()
