@@ -709,8 +709,9 @@ def execute_sweep(
         from harness.ray_executor import connect
 
         owns_cluster = connect(options.address)  # no Ray, or no cluster there: one line, nothing written
-        machine = _on_cluster(spec, options, machine)
     try:
+        if options.executor is ExecutorKind.RAY:
+            machine = _on_cluster(spec, options, machine)
         if options.executor is ExecutorKind.POOL and not _sweep_in_store(options.store, spec.name):
             # A new sweep: every run is pending, so start the workers now; they import Keras and
             # load the data while this process plans the sweep.

@@ -158,7 +158,12 @@ def cluster_gpus(*, timeout_s: float = GPU_PROBE_TIMEOUT_S, nodes: Sequence[dict
     pinned to the node, so it runs even when every GPU is busy). Nodes that do not answer within
     `timeout_s` count with an unknown size. No GPU resource anywhere: no task, an empty list."""
     ray = import_ray()
-    nodes = gpu_nodes(ray.nodes()) if nodes is None else list(nodes)
+    if nodes is None:
+        try:
+            nodes = gpu_nodes(ray.nodes())
+        except Exception:  # noqa: BLE001 - a client that cannot list nodes: Ray's count, sizes unknown
+            return node_gpus(ray.cluster_resources().get("GPU", 0), None, node="the cluster")
+    nodes = list(nodes)
     if not nodes:
         return []
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
