@@ -309,6 +309,59 @@ def test_a_group_trained_with_the_flat_update_ends_with_keras_own_bits(tmp_path:
     assert flat[0].history["loss"] != flat[1].history["loss"]
 
 
+STATE_SWEEP = """
+schema_version: 1
+name: state
+dataset: mnist
+subset: {train: 200, test: 100}
+budget: {epochs: 1, batch_size: 32, seeds: 2, validation_split: 0.1}
+defaults: {preprocess: unit, optimizer: adam}
+variants:
+  - name: mlp
+    model:
+      dense: {units: [16], dropout: 0.2}
+      regularizer: {kind: l2, factor: 0.01}
+"""
+
+
+def test_tensorflow_traces_a_group_s_step_once_and_the_bits_do_not_change(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
+    """Keras' TensorFlow trainer creates the loss trackers and optimizer slots while it traces its
+    first step, and TensorFlow then traces the step again; built ahead (`train.build_compiled_state`)
+    each step function is traced once, and every history, validation and test number is the same
+    to the bit (dropout, penalty, validation included)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the TensorFlow trainer's retrace; this process runs another backend")
+    import harness.fused
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces: list[str] = []
+    for name in ("train_step", "test_step"):
+        real = getattr(TensorFlowTrainer, name)
+        monkeypatch.setattr(TensorFlowTrainer, name,
+                            lambda self, data, real=real, name=name: traces.append((name, self.name)) or real(self, data))
+
+    def count(ahead: bool, step: str) -> int:  # of the fused models (not the flat update's own check)
+        return sum(1 for name, model in results[ahead, "traces"] if name == step and model.startswith("fused"))
+
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", STATE_SWEEP))
+    prepared = prepare_sweep(spec.with_overrides(keras_backend="tensorflow"), data_dir=data_dir)
+    results = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(harness.fused, "BUILD_STATE_AHEAD", ahead)
+        traces.clear()
+        results[ahead] = harness.fused.train_group(list(prepared.runs), prepared.dataset)
+        assert [r.status for r in results[ahead]] == [RunStatus.DONE] * 2, results[ahead][0].error
+        results[ahead, "traces"] = list(traces)
+    assert count(True, "train_step") == 1
+    assert count(False, "train_step") == 2  # without: the retrace this removes
+    assert count(True, "test_step") < count(False, "test_step")
+    for mine, theirs in zip(results[True], results[False]):
+        assert mine.history == theirs.history and "val_loss" in mine.history
+        assert (mine.test_accuracy, mine.metrics["test_loss"]) == (theirs.test_accuracy, theirs.metrics["test_loss"])
+
+
 def test_a_group_leaves_no_device_copy_of_its_inputs_behind(tmp_path: Path, data_dir: Path, monkeypatch) -> None:
     """The variable holding a group's inputs is gone when `train_group` returns (a worker trains
     group after group; on a GPU two stale copies would crowd out the next group). Checked by hand:
