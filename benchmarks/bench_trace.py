@@ -1,0 +1,100 @@
+"""TensorFlow's step functions traced once or twice per group, side by side in one invocation:
+with a group's compiled state built ahead (`harness.fused.BUILD_STATE_AHEAD`, the default;
+`harness.train.build_compiled_state`) and without (Keras' TensorFlow trainer creates its loss
+trackers and optimizer slots in the first trace of its step, and TensorFlow traces the step again).
+
+Each variant's seeds train as one fused group (`harness.fused.train_group`, as a sweep's worker
+does) with `--epochs` epochs on full MNIST, in one fresh TensorFlow process with one thread (a
+sweep worker's environment). The two ways alternate for `--rounds` rounds, after one untimed
+group (the process's first group also runs the flat update's bit check); the table gives each
+way's fastest group wall time (build, fit and evaluation: a trace can land in any of them) and
+whether every seed's history and test result are the same bits both ways.
+
+    HARNESS_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_trace.py --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from harness.spec import load_sweep
+    from harness.sweep import prepare_sweep
+    from harness import fused, train
+
+    path, epochs, rounds, only = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    prepared = prepare_sweep(load_sweep(path).with_overrides(epochs=epochs, keras_backend="tensorflow"))
+    train.warm_up()
+    groups = {}
+    for run in prepared.runs:
+        groups.setdefault(run.variant.name, []).append(run)
+    groups = {name: runs for name, runs in groups.items() if not only or name in only}
+    fused.train_group(next(iter(groups.values())), prepared.dataset)  # untimed: the process's first group
+    for name, runs in groups.items():
+        seconds, answers = {False: [], True: []}, {}
+        for _ in range(rounds):
+            for ahead in (False, True):
+                fused.BUILD_STATE_AHEAD = ahead
+                records = fused.train_group(runs, prepared.dataset)
+                bad = [r for r in records if r.status.value not in ("done", "diverged")]
+                if bad:
+                    raise SystemExit(f"{name}: {bad[0].error}")
+                seconds[ahead].append(records[0].timings["group_wall_s"])
+                answers.setdefault(ahead, [(r.history, r.test_accuracy, r.metrics["test_loss"]) for r in records])
+        print(json.dumps({
+            "variant": name, "seeds": len(runs), "twice_s": min(seconds[False]), "once_s": min(seconds[True]),
+            "same_bits": answers[False] == answers[True],
+        }), flush=True)
+    """
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "seed_notebooks.yaml"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", action="append", default=[], help="a variant name (repeatable)")
+    args = parser.parse_args()
+
+    from harness.backends import worker_env
+
+    env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, args.sweep, str(args.epochs), str(args.rounds), *args.only],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )
+    rows = []
+    print("| variant | seeds | traced twice (s) | once (s) | saved per group (s) | same bits |")
+    print("|---|---:|---:|---:|---:|---|")
+    assert child.stdout is not None
+    for line in child.stdout:
+        if not line.startswith("{"):
+            continue
+        row = json.loads(line)
+        rows.append(row)
+        same = "yes" if row["same_bits"] else "**no**"
+        print(f"| `{row['variant']}` | {row['seeds']} | {row['twice_s']:.2f} | {row['once_s']:.2f} | "
+              f"{row['twice_s'] - row['once_s']:.2f} | {same} |", flush=True)
+    if child.wait() != 0:
+        raise SystemExit(f"the benchmark's TensorFlow process failed (exit {child.returncode})")
+    if rows:
+        twice, once = sum(r["twice_s"] for r in rows), sum(r["once_s"] for r in rows)
+        print(f"\nall groups: {twice:.1f} s -> {once:.1f} s ({twice - once:.1f} s less, {twice / once:.3f}x); "
+              f"same bits in {sum(r['same_bits'] for r in rows)} of {len(rows)}")
+    if not all(r["same_bits"] for r in rows):
+        raise SystemExit("building the state ahead changed an answer")
+
+
+if __name__ == "__main__":
+    main()
