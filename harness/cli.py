@@ -142,7 +142,7 @@ def cli() -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               callback=lambda _ctx, _param, value: _finite(value, "--timeout"),
               help="Seconds a run may take before its worker is killed and the run marked FAILED.")
-@click.option("--gpus", default=None, metavar="0,1|none", help="GPUs to use (default: all that nvidia-smi lists).")
+@click.option("--gpus", default=None, metavar="0,1|none", help="GPUs to use (default: all that nvidia-smi lists; with --executor ray, only none).")
 @click.option("--runs-per-gpu", type=int, default=1, show_default=True, help="Worker processes per GPU.")
 @click.option("--workers", type=int, default=None, help="CPU worker processes (default: one per core).")
 @click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")

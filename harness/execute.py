@@ -571,7 +571,9 @@ def _machine(spec: SweepSpec, options: SweepOptions, *, gpus: Sequence | None = 
     return _Machine(gpus=gpus, cpus=allowed_cpus(), backend_context=context, backends=backends)
 
 
-def _on_cluster(spec: SweepSpec, options: SweepOptions, machine: _Machine) -> _Machine:
+def _on_cluster(
+    spec: SweepSpec, options: SweepOptions, machine: _Machine, notify: Callable[[str], None] | None = None
+) -> _Machine:
     """A Ray sweep's machine once connected: the cluster's GPUs (`ray_executor.cluster_gpus`),
     so that the fusion width, `auto`'s backend and the actors' memory share are a GPU's; as it
     was where the cluster has none or `--gpus none` keeps the actors on CPUs."""
@@ -579,17 +581,39 @@ def _on_cluster(spec: SweepSpec, options: SweepOptions, machine: _Machine) -> _M
         return machine
     from harness.ray_executor import cluster_gpus
 
-    gpus = cluster_gpus()
+    gpus = cluster_gpus(notify=notify)
     return _machine(spec, options, gpus=gpus) if gpus else machine
+
+
+def _ray_dry_run_machine(
+    spec: SweepSpec, options: SweepOptions, machine: _Machine, notify: Callable[[str], None] | None = None
+) -> _Machine:
+    """What a Ray sweep would plan for, without training: the cluster at `--address` (connected
+    to, asked, left running), or for the private cluster a sweep starts, this machine's GPUs."""
+    from harness.ray_executor import connect, disconnect
+
+    if options.gpus == ():
+        return machine
+    if not (options.address or os.environ.get("RAY_ADDRESS")):
+        from harness.devices import detect_gpus
+
+        gpus = detect_gpus()
+        return _machine(spec, options, gpus=gpus) if gpus else machine
+    connect(options.address)
+    try:
+        return _on_cluster(spec, options, machine, notify)
+    finally:
+        disconnect()
 
 
 def _memory_share(machine: _Machine, options: SweepOptions) -> int | None:
     """A GPU worker's share of its GPU's memory, from the GPUs this sweep trains on (`--gpus` on
-    this machine; a Ray cluster's all); None where it trains on none (CPU, in this process)."""
+    this machine; a Ray cluster's all, `--gpus` being refused there); None where it trains on
+    none (CPU, in this process)."""
     if not machine.gpus:
         return None
-    use = list(options.gpus) if options.gpus is not None and options.executor is ExecutorKind.POOL else None
-    return gpu_worker_memory_bytes(chosen_gpus(machine.gpus, use), options.runs_per_gpu)
+    used = chosen_gpus(machine.gpus, list(options.gpus) if options.gpus is not None else None)
+    return gpu_worker_memory_bytes(used, options.runs_per_gpu)
 
 
 def _calibration(store_path: Path, on_gpu: bool) -> dict | None:
@@ -711,7 +735,7 @@ def execute_sweep(
         owns_cluster = connect(options.address)  # no Ray, or no cluster there: one line, nothing written
     try:
         if options.executor is ExecutorKind.RAY:
-            machine = _on_cluster(spec, options, machine)
+            machine = _on_cluster(spec, options, machine, say)
         if options.executor is ExecutorKind.POOL and not _sweep_in_store(options.store, spec.name):
             # A new sweep: every run is pending, so start the workers now; they import Keras and
             # load the data while this process plans the sweep.
@@ -768,6 +792,8 @@ def describe_sweep(
     from harness.sweep import format_plan, prepare_sweep
 
     machine = _machine(spec, options)
+    if options.executor is ExecutorKind.RAY:
+        machine = _ray_dry_run_machine(spec, options, machine, notify)
     prepared = prepare_sweep(spec, data_dir=options.data_dir, build_builders=True, backends=machine.backend_context)
     for line in shared_notes(prepared):
         (notify or (lambda _line: None))(line)
@@ -782,7 +808,9 @@ def describe_sweep(
     if options.executor is ExecutorKind.INLINE:
         lines.append("workers: none (training in this process)")
     elif options.executor is ExecutorKind.RAY:
-        lines.append(f"workers: Ray actors on {options.address or os.environ.get('RAY_ADDRESS') or 'a local cluster'}")
+        where = options.address or os.environ.get("RAY_ADDRESS") or "a local cluster"
+        gpus = f", planned for its {len(machine.gpus)} GPUs" if machine.gpus else ", planned for CPUs"
+        lines.append(f"workers: Ray actors on {where}{gpus}")
     else:
         from harness.scheduler import LocalPoolExecutor
 

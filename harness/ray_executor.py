@@ -123,22 +123,28 @@ def disconnect() -> None:
 GPU_PROBE_TIMEOUT_S = 60.0
 
 
-def _node_gpus() -> list[tuple[int, str, int]]:
-    """On a cluster node: its GPUs as nvidia-smi lists them (index, name, MiB)."""
+def _node_gpus() -> tuple[str, list[tuple[int, str, int]]]:
+    """On a cluster node: its Ray node id and its GPUs as nvidia-smi lists them (index, name, MiB)."""
+    import ray
+
     from harness.devices import detect_gpus
 
-    return [(gpu.index, gpu.name, gpu.memory_mib) for gpu in detect_gpus()]
+    return ray.get_runtime_context().get_node_id(), [(g.index, g.name, g.memory_mib) for g in detect_gpus()]
 
 
-def node_gpus(count: float, listed: Sequence[tuple[int, str, int]] | None, *, node: str, first: int = 0) -> list[Gpu]:
+def node_gpus(
+    count: float, listed: Sequence[tuple[int, str, int]] | None, *, node: str, first: int = 0, unknown_mib: int = 0
+) -> list[Gpu]:
     """The `count` GPUs Ray schedules on one node (its "GPU" resource), each sized as the smallest
-    GPU nvidia-smi `listed` there: Ray may be told to use some of a node's GPUs, and which ones
-    it hands an actor is its choice. Size 0 (unknown) where nothing was listed (no nvidia-smi, or
-    GPUs Ray was told of that are not NVIDIA's). Numbered from `first` (indices across a cluster)."""
-    listed = [g for g in (listed or ()) if int(g[2]) > 0] or list(listed or ())
-    smallest = min(listed, key=lambda g: int(g[2])) if listed else None
-    name = f"{smallest[1]} on {node}" if smallest else f"GPU on {node}"
-    memory = int(smallest[2]) if smallest else 0
+    GPU nvidia-smi `listed` there with a size: Ray may be told to use some of a node's GPUs, and
+    which ones it hands an actor is its choice. Where the node listed no size (no nvidia-smi, no
+    answer, GPUs that are not NVIDIA's), `unknown_mib` (0: unknown). Numbered from `first`."""
+    sized = [g for g in (listed or ()) if int(g[2]) > 0]
+    if sized:
+        smallest = min(sized, key=lambda g: int(g[2]))
+        name, memory = f"{smallest[1]} on {node}", int(smallest[2])
+    else:
+        name, memory = f"GPU on {node} (size not listed)", int(unknown_mib)
     return [Gpu(index=first + i, name=name, memory_mib=memory) for i in range(int(count))]
 
 
@@ -152,44 +158,73 @@ def usable_resources(resources: dict[str, float], gpus: tuple[int, ...] | None) 
     return {k: v for k, v in resources.items() if not (gpus == () and k == "GPU")}
 
 
-def cluster_gpus(*, timeout_s: float = GPU_PROBE_TIMEOUT_S, nodes: Sequence[dict] | None = None) -> list[Gpu]:
+def cluster_gpus(
+    *, timeout_s: float = GPU_PROBE_TIMEOUT_S, nodes: Sequence[dict] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> list[Gpu]:
     """The GPUs of the connected Ray cluster: for each of its `gpu_nodes` (or `nodes`), as many as
     Ray counts there, sized by what nvidia-smi lists on that node (a task of no CPU and no GPU
-    pinned to the node, so it runs even when every GPU is busy). Nodes that do not answer within
-    `timeout_s` count with an unknown size. No GPU resource anywhere: no task, an empty list."""
+    pinned to the node, so it runs even when every GPU is busy; its answer must come from that
+    node). A node that does not answer within `timeout_s`, lists no size or cannot run the probe
+    gets the smallest size the others listed (none listed: unknown, as for a local GPU of unknown
+    size), and `notify` hears which. No GPU resource anywhere: no task, an empty list."""
     ray = import_ray()
     if nodes is None:
         try:
             nodes = gpu_nodes(ray.nodes())
         except Exception:  # noqa: BLE001 - a client that cannot list nodes: Ray's count, sizes unknown
-            return node_gpus(ray.cluster_resources().get("GPU", 0), None, node="the cluster")
+            nodes = None
+    if nodes is None:
+        count = ray.cluster_resources().get("GPU", 0)
+        if count >= 1 and notify is not None:
+            notify(f"Ray: the cluster's nodes could not be listed; its {int(count)} GPUs are planned with an unknown memory size")
+        return node_gpus(count, None, node="the cluster")
     nodes = list(nodes)
     if not nodes:
         return []
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    answers: dict[str, list] = {}
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(_node_gpus)
-    refs = [
-        probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-        for n in nodes
-    ]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    answered = set(ready)
-    gpus: list[Gpu] = []
-    for node, ref in zip(nodes, refs):
-        listed = None
-        if ref in answered:
+        probe = ray.remote(_node_gpus)
+        refs = {
+            n["NodeID"]: probe.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote()
+            for n in nodes
+        }
+        ready, waiting = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for node_id, ref in refs.items():
+            if ref not in ready:
+                continue
             try:
-                listed = ray.get(ref)
+                ran_on, listed = ray.get(ref)
             except Exception:  # noqa: BLE001 - a node that cannot run the probe: sizes unknown
-                listed = None
-        else:
+                continue
+            if ran_on == node_id:
+                answers[node_id] = [g for g in listed if int(g[2]) > 0]
+        for ref in waiting:
             try:
                 ray.cancel(ref)
             except Exception:  # noqa: BLE001 - finished or gone meanwhile
                 pass
+    except Exception:  # noqa: BLE001 - the probe could not be sent (a client's limits): sizes unknown
+        answers = {}
+    known = [int(g[2]) for listed in answers.values() for g in listed]
+    fallback = min(known) if known else 0
+    gpus: list[Gpu] = []
+    silent = []
+    for node in nodes:
         address = str(node.get("NodeManagerAddress") or node["NodeID"][:8])
-        gpus += node_gpus(node["Resources"]["GPU"], listed, node=address, first=len(gpus))
+        if not answers.get(node["NodeID"]):
+            silent.append(address)
+        gpus += node_gpus(node["Resources"]["GPU"], answers.get(node["NodeID"]), node=address, first=len(gpus),
+                          unknown_mib=fallback)
+    if silent and notify is not None:
+        planned = f"planned with the smallest size the others listed, {fallback:,} MiB" if fallback else (
+            "planned as GPUs of unknown size (fusion up to its GPU cap)")
+        notify(f"Ray: the GPUs of {', '.join(silent)} did not say their memory (nvidia-smi, within "
+               f"{timeout_s:.0f} s); {planned}")
     return gpus
 
 

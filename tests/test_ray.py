@@ -108,20 +108,72 @@ def test_a_gpu_cluster_is_counted_by_ray_and_sized_by_its_nodes_nvidia_smi() -> 
 
 
 def test_the_gpu_probe_runs_on_the_node_it_asks_in_bounded_time(ray_cluster) -> None:
-    """On the real local cluster: no node has a GPU resource, so nothing is probed. Told that its
-    node has two (as a GPU node says), the probe, a task of no CPU pinned to that node, answers
-    with what nvidia-smi lists there (nothing on this machine: two GPUs of unknown size)."""
+    """On the real local cluster: no node has a GPU resource, so nothing is probed. The probe, a
+    task of no CPU pinned to a node, answers from that node (its node id) with what nvidia-smi
+    lists there. Told that the node has two GPUs (as a GPU node says), `cluster_gpus` counts two,
+    sized by that answer, and where nvidia-smi listed no size (this machine) says so in a line."""
+    import time
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from harness.devices import detect_gpus
-    from harness.ray_executor import cluster_gpus
+    from harness.ray_executor import _node_gpus, cluster_gpus
 
     assert cluster_gpus() == []
     node = dict(ray_cluster.nodes()[0])
+    pinned = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    ran_on, listed = ray_cluster.get(ray_cluster.remote(_node_gpus).options(num_cpus=0, scheduling_strategy=pinned).remote())
+    assert ran_on == node["NodeID"] and listed == [(g.index, g.name, g.memory_mib) for g in detect_gpus()]
     node["Resources"] = {**node["Resources"], "GPU": 2.0}
-    here = [g.memory_mib for g in detect_gpus()]
-    expected = min([m for m in here if m > 0] or [0])
-    gpus = cluster_gpus(nodes=[node], timeout_s=120)
-    assert [(g.index, g.memory_mib) for g in gpus] == [(0, expected), (1, expected)]
+    notes: list[str] = []
+    started = time.monotonic()
+    gpus = cluster_gpus(nodes=[node], timeout_s=120, notify=notes.append)
+    assert time.monotonic() - started < 60
+    sizes = [m for _i, _n, m in listed if m > 0]
+    assert [(g.index, g.memory_mib) for g in gpus] == [(0, min(sizes or [0])), (1, min(sizes or [0]))]
     assert node["NodeManagerAddress"] in gpus[0].name
+    if not sizes:
+        assert len(notes) == 1 and node["NodeManagerAddress"] in notes[0] and "did not say their memory" in notes[0]
+
+
+def test_a_ray_dry_run_without_an_address_plans_for_this_machine_and_starts_no_cluster(tmp_path: Path, data_dir: Path) -> None:
+    """The private cluster a sweep would start holds this machine's GPUs (none here): the dry run
+    says so without starting one."""
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100))
+    env = {"RAY_ADDRESS": ""}
+    result = CliRunner(env=env).invoke(cli, ["sweep", str(sweep), "--store", str(tmp_path / "h.db"), "--data-dir",
+                                             str(data_dir), "--executor", "ray", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "workers: Ray actors on a local cluster, planned for CPUs" in result.output
+    assert not (tmp_path / "h.db").exists()
+
+
+def test_a_ray_sweep_on_a_gpu_cluster_plans_for_its_gpus(tmp_path: Path, monkeypatch) -> None:
+    """Once connected, the sweep's machine is the cluster's GPUs (as `cluster_gpus` found them:
+    simulated here), so `auto`'s backend and the fusion width are planned for a GPU and each
+    actor is told its share; a node that did not answer gets the smallest size the others listed."""
+    import harness.ray_executor
+    from harness.execute import ExecutorKind, SweepOptions, _machine, _memory_share, _on_cluster
+    from harness.ray_executor import node_gpus
+    from harness.spec import load_sweep
+
+    spec = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100)))
+    options = SweepOptions(executor=ExecutorKind.RAY, runs_per_gpu=2)
+    listed = [(0, "NVIDIA A100-SXM4-40GB", 40960)]
+    cluster = node_gpus(2.0, listed, node="10.0.0.5") + node_gpus(1.0, None, node="10.0.0.6", first=2, unknown_mib=40960)
+    assert [g.memory_mib for g in cluster] == [40960] * 3 and "size not listed" in cluster[2].name
+    monkeypatch.setattr(harness.ray_executor, "cluster_gpus", lambda notify=None: cluster)
+    before = _machine(spec, options)
+    assert before.gpus == () and before.backend_context.device_kind == "cpu"
+    after = _on_cluster(spec, options, before)
+    assert len(after.gpus) == 3 and after.backend_context.device_kind == "gpu"
+    assert _memory_share(after, options) == int(40960 * 2**20 * 0.9 / 2)
+    monkeypatch.setattr(harness.ray_executor, "cluster_gpus", lambda notify=None: [])
+    assert _on_cluster(spec, options, before) is before  # a cluster without GPUs: planned as before
 
 
 def test_the_local_cluster_is_loopback_token_auth_and_no_dashboard(ray_cluster) -> None:
