@@ -1,11 +1,11 @@
 """TensorFlow's step functions traced once or twice per group, side by side in one invocation:
-with a group's compiled state built ahead (`harness.fused.BUILD_STATE_AHEAD`, the default;
+with a group's compiled state built ahead (`harness.train.BUILD_STATE_AHEAD`, the default;
 `harness.train.build_compiled_state`) and without (Keras' TensorFlow trainer creates its loss
 trackers and optimizer slots in the first trace of its step, and TensorFlow traces the step again).
 
 Each variant's seeds train as one fused group (`harness.fused.train_group`, as a sweep's worker
 does) with `--epochs` epochs on full MNIST, in one fresh TensorFlow process with one thread (a
-sweep worker's environment). The two ways alternate for `--rounds` rounds, after one untimed
+sweep worker's environment). The two ways alternate (A-B, then B-A) for `--rounds` rounds, after one untimed
 group (the process's first group also runs the flat update's bit check); the table gives each
 way's fastest group wall time (build, fit and evaluation: a trace can land in any of them) and
 whether every seed's history and test result are the same bits both ways.
@@ -42,9 +42,9 @@ CHILD = textwrap.dedent(
     fused.train_group(next(iter(groups.values())), prepared.dataset)  # untimed: the process's first group
     for name, runs in groups.items():
         seconds, answers = {False: [], True: []}, {}
-        for _ in range(rounds):
-            for ahead in (False, True):
-                fused.BUILD_STATE_AHEAD = ahead
+        for round_ in range(rounds):
+            for ahead in ((False, True) if round_ % 2 == 0 else (True, False)):  # A-B, B-A, ...
+                train.BUILD_STATE_AHEAD = ahead
                 records = fused.train_group(runs, prepared.dataset)
                 bad = [r for r in records if r.status.value not in ("done", "diverged")]
                 if bad:

@@ -57,11 +57,6 @@ FLAT_UPDATE = True
 FULL_COLLECT_BYTES = 64 * 2**20
 
 
-# Build each compiled model's metric, loss and optimizer variables before its first fit or evaluate
-# (`train.build_compiled_state`), so that TensorFlow traces each step function once, not twice.
-BUILD_STATE_AHEAD = True
-
-
 def device_inputs_limit(memory_bytes: int | None) -> int:
     """The largest training inputs (bytes) a group holds on its device: `DEVICE_INPUTS_MAX_BYTES`,
     and on a GPU worker with `memory_bytes` of its device at most `DEVICE_INPUTS_SHARE` of that.
@@ -196,7 +191,7 @@ def fit_copies(
     judge = model if eval_model is None else eval_model
     for epoch in range(epochs):
         xs, ys = epoch_data(epoch)
-        if epoch == 0 and BUILD_STATE_AHEAD:
+        if epoch == 0:
             build_compiled_state(model, xs if n_copies > 1 else xs[0], ys if n_copies > 1 else ys[0])
             if validation is not None and judge is not model:
                 build_compiled_state(judge, _per_copy(validation[0], n_copies), _per_copy(validation[1], n_copies))
@@ -256,8 +251,7 @@ def evaluate_copies(
     """Each copy's (test loss, test accuracy) on the same arrays (its penalty in its loss)."""
     from harness.train import build_compiled_state
 
-    if BUILD_STATE_AHEAD:
-        build_compiled_state(model, _per_copy(x, n_copies), _per_copy(y, n_copies))
+    build_compiled_state(model, _per_copy(x, n_copies), _per_copy(y, n_copies))
     logs = model.evaluate(_per_copy(x, n_copies), _per_copy(y, n_copies), batch_size=batch_size, verbose=0,
                           return_dict=True)
     out = []

@@ -138,18 +138,29 @@ def even_batches(n: int, largest: int) -> int:
     return math.ceil(n / math.ceil(n / largest))
 
 
+# Build a compiled model's state before its first fit or evaluate (`build_compiled_state`), so that
+# TensorFlow traces each step function once, not twice (off: Keras' own order, for comparison).
+BUILD_STATE_AHEAD = True
+
+
 def build_compiled_state(model: Any, x: Any, y: Any) -> None:
     """Create a compiled model's metric, loss-tracker and optimizer variables before its first
-    `fit` or `evaluate`, from a batch of `x` and `y` as those calls are fed them (their shapes
+    `fit` or `evaluate`, from one row of `x` and `y` as those calls are fed them (their shapes
     only). Keras' JAX and PyTorch trainers do this themselves (`_symbolic_build`); its TensorFlow
     trainer without a distribution strategy leaves it to the first trace of its step function,
     and a `tf.function` whose first trace created variables is traced again: one more trace of
-    the whole fused step, about 0.8-1.4 s per group on this CPU for the small MLPs. The variables
-    are the same and start at the same zeros, so training is the same to the bit (tested)."""
+    the whole step, 0.65-1.42 s per fused group of the notebooks on this CPU
+    (`benchmarks/bench_trace.py`). The variables are the same and start at the same zeros, so
+    training is the same to the bit (tested). A model not built yet (a user's Sequential without
+    an `Input`) is left to Keras, which builds it from the batches it is fed. `_symbolic_build`
+    is Keras' private method: if it goes, or fails, the step is traced twice as before (the
+    trace count is tested on TensorFlow)."""
     import keras
 
     build = getattr(model, "_symbolic_build", None)
-    if keras.backend.backend() != "tensorflow" or build is None or getattr(model, "_distribute_strategy", None):
+    if not BUILD_STATE_AHEAD or keras.backend.backend() != "tensorflow" or build is None:
+        return
+    if getattr(model, "_distribute_strategy", None) or not getattr(model, "built", False):
         return
     try:
         head = keras.tree.map_structure(lambda a: a[:1], (x, y))

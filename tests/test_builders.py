@@ -135,6 +135,27 @@ MLP_VARIANT = """  - name: mlp
 """
 
 
+def test_a_model_the_user_compiled_trains_to_the_same_bits_with_its_state_built_ahead(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorFlow: the user's compiled model (their optimizer, loss, metric) with its state built
+    before `fit` (`train.build_compiled_state`, one trace of its step) ends with the history and
+    test result of Keras' own order, to the bit."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("building ahead is for Keras' TensorFlow trainer; this process runs another backend")
+    path = sweep_file(tmp_path, '  - name: b\n    model: {builder: "mybuilders:compiled_mlp", args: {units: 16}}\n')
+    prepared = prepare_sweep(load_sweep(path), data_dir=data_dir)
+    records = []
+    for ahead in (True, False):
+        monkeypatch.setattr(train, "BUILD_STATE_AHEAD", ahead)
+        records.append(train.train_run(prepared.runs[0], prepared.dataset))
+    assert [r.status for r in records] == [RunStatus.DONE, RunStatus.DONE], records[0].error
+    assert records[0].history == records[1].history
+    assert (records[0].test_accuracy, records[0].metrics["test_loss"]) == (records[1].test_accuracy, records[1].metrics["test_loss"])
+
+
 def sweep_file(tmp_path: Path, variants: str = MLP_VARIANT, *, seeds: int = 1, extra: str = "") -> Path:
     if not (tmp_path / "mybuilders.py").exists():
         (tmp_path / "mybuilders.py").write_text(BUILDERS)

@@ -334,6 +334,7 @@ def test_tensorflow_traces_a_group_s_step_once_and_the_bits_do_not_change(tmp_pa
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the TensorFlow trainer's retrace; this process runs another backend")
     import harness.fused
+    import harness.train
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
     traces: list[str] = []
@@ -349,7 +350,7 @@ def test_tensorflow_traces_a_group_s_step_once_and_the_bits_do_not_change(tmp_pa
     prepared = prepare_sweep(spec.with_overrides(keras_backend="tensorflow"), data_dir=data_dir)
     results = {}
     for ahead in (True, False):
-        monkeypatch.setattr(harness.fused, "BUILD_STATE_AHEAD", ahead)
+        monkeypatch.setattr(harness.train, "BUILD_STATE_AHEAD", ahead)
         traces.clear()
         results[ahead] = harness.fused.train_group(list(prepared.runs), prepared.dataset)
         assert [r.status for r in results[ahead]] == [RunStatus.DONE] * 2, results[ahead][0].error
