@@ -149,7 +149,7 @@ def build_compiled_state(model: Any, x: Any, y: Any) -> None:
     only). Keras' JAX and PyTorch trainers do this themselves (`_symbolic_build`); its TensorFlow
     trainer without a distribution strategy leaves it to the first trace of its step function,
     and a `tf.function` whose first trace created variables is traced again: one more trace of
-    the whole step, 0.65-1.42 s per fused group of the notebooks on this CPU
+    the whole step, 0.8-1.0 s per fused group of the notebooks' MLPs on this CPU
     (`benchmarks/bench_trace.py`). The variables are the same and start at the same zeros, so
     training is the same to the bit (tested). A model not built yet (a user's Sequential without
     an `Input`) is left to Keras, which builds it from the batches it is fed. `_symbolic_build`
