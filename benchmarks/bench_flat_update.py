@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,29 +60,40 @@ CHILD = textwrap.dedent(
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.Namespace:
+    """The options this benchmark and `bench_trace.py` share: the sweep, epochs, rounds, variants."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "seed_notebooks.yaml"))
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", action="append", default=[], help="a variant name (repeatable)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def child_rows(child: str, args: argparse.Namespace) -> Iterator[dict]:
+    """Run `child` (Python source) in one TensorFlow process with a sweep worker's environment (one
+    thread) and yield each JSON row it prints, as it prints it; a failed process is an error."""
     from harness.backends import worker_env
 
     env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, args.sweep, str(args.epochs), str(args.rounds), *args.only],
+    process = subprocess.Popen(
+        [sys.executable, "-c", child, args.sweep, str(args.epochs), str(args.rounds), *args.only],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
     )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("{"):
+            yield json.loads(line)
+    if process.wait() != 0:
+        raise SystemExit(f"the benchmark's TensorFlow process failed (exit {process.returncode})")
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
     rows = []
     print("| variant | params per copy | Keras' own update (s) | flat update (s) | speed-up | same bits |")
     print("|---|---:|---:|---:|---:|---|")
-    assert child.stdout is not None
-    for line in child.stdout:
-        if not line.startswith("{"):
-            continue
-        row = json.loads(line)
+    for row in child_rows(CHILD, args):
         rows.append(row)
         ratio = row["own_s"] / row["flat_s"]
         same = "yes" if row["same_bits"] else "**no**"
@@ -89,8 +101,6 @@ def main() -> None:
             same += " (flat update not used: its bit check failed here)"
         print(f"| `{row['variant']}` | {row['params']:,} | {row['own_s']:.2f} | {row['flat_s']:.2f} | {ratio:.2f}x | {same} |",
               flush=True)
-    if child.wait() != 0:
-        raise SystemExit(f"the benchmark's TensorFlow process failed (exit {child.returncode})")
     if rows:
         own, flat = sum(r["own_s"] for r in rows), sum(r["flat_s"] for r in rows)
         print(f"\nall variants: {own:.1f} s -> {flat:.1f} s ({own / flat:.2f}x); "

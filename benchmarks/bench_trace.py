@@ -15,15 +15,7 @@ whether every seed's history and test result are the same bits both ways.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = textwrap.dedent(
     """
@@ -60,34 +52,17 @@ CHILD = textwrap.dedent(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "seed_notebooks.yaml"))
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", action="append", default=[], help="a variant name (repeatable)")
-    args = parser.parse_args()
+    from bench_flat_update import arguments, child_rows  # this folder: run as a script
 
-    from harness.backends import worker_env
-
-    env = {**os.environ, **dict(worker_env("tensorflow", threads=1)), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, args.sweep, str(args.epochs), str(args.rounds), *args.only],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
-    )
+    args = arguments(__doc__.splitlines()[0])
     rows = []
     print("| variant | seeds | traced twice (s) | once (s) | saved per group (s) | same bits |")
     print("|---|---:|---:|---:|---:|---|")
-    assert child.stdout is not None
-    for line in child.stdout:
-        if not line.startswith("{"):
-            continue
-        row = json.loads(line)
+    for row in child_rows(CHILD, args):
         rows.append(row)
         same = "yes" if row["same_bits"] else "**no**"
         print(f"| `{row['variant']}` | {row['seeds']} | {row['twice_s']:.2f} | {row['once_s']:.2f} | "
               f"{row['twice_s'] - row['once_s']:.2f} | {same} |", flush=True)
-    if child.wait() != 0:
-        raise SystemExit(f"the benchmark's TensorFlow process failed (exit {child.returncode})")
     if rows:
         twice, once = sum(r["twice_s"] for r in rows), sum(r["once_s"] for r in rows)
         print(f"\nall groups: {twice:.1f} s -> {once:.1f} s ({twice - once:.1f} s less, {twice / once:.3f}x); "
