@@ -24,7 +24,9 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CHILD = textwrap.dedent(
+# The start of a child (`child_rows`): the sweep's groups (`groups`: variant -> runs, those --only
+# names), at --epochs on TensorFlow, with Keras imported as a worker imports it.
+CHILD_HEAD = textwrap.dedent(
     """
     import json, sys
     from harness.spec import load_sweep
@@ -36,10 +38,14 @@ CHILD = textwrap.dedent(
     train.warm_up()
     groups = {}
     for run in prepared.runs:
-        groups.setdefault(run.variant.name, []).append(run)
+        if not only or run.variant.name in only:
+            groups.setdefault(run.variant.name, []).append(run)
+    """
+)
+
+CHILD = CHILD_HEAD + textwrap.dedent(
+    """
     for name, runs in groups.items():
-        if only and name not in only:
-            continue
         seconds, answers, used = {False: [], True: []}, {}, {}
         for _ in range(rounds):
             for flat in (False, True):

@@ -17,20 +17,10 @@ from __future__ import annotations
 
 import textwrap
 
-CHILD = textwrap.dedent(
-    """
-    import json, sys
-    from harness.spec import load_sweep
-    from harness.sweep import prepare_sweep
-    from harness import fused, train
+from bench_flat_update import CHILD_HEAD, arguments, child_rows  # this folder: run as a script
 
-    path, epochs, rounds, only = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    prepared = prepare_sweep(load_sweep(path).with_overrides(epochs=epochs, keras_backend="tensorflow"))
-    train.warm_up()
-    groups = {}
-    for run in prepared.runs:
-        groups.setdefault(run.variant.name, []).append(run)
-    groups = {name: runs for name, runs in groups.items() if not only or name in only}
+CHILD = CHILD_HEAD + textwrap.dedent(
+    """
     fused.train_group(next(iter(groups.values())), prepared.dataset)  # untimed: the process's first group
     for name, runs in groups.items():
         seconds, answers = {False: [], True: []}, {}
@@ -52,8 +42,6 @@ CHILD = textwrap.dedent(
 
 
 def main() -> None:
-    from bench_flat_update import arguments, child_rows  # this folder: run as a script
-
     args = arguments(__doc__.splitlines()[0])
     rows = []
     print("| variant | seeds | traced twice (s) | once (s) | saved per group (s) | same bits |")
