@@ -175,7 +175,10 @@ def cluster_gpus(
         except Exception:  # noqa: BLE001 - a client that cannot list nodes: Ray's count, sizes unknown
             nodes = None
     if nodes is None:
-        count = ray.cluster_resources().get("GPU", 0)
+        try:
+            count = ray.cluster_resources().get("GPU", 0)
+        except Exception:  # noqa: BLE001 - nor its resources: planned as before, on CPUs
+            return []
         if count >= 1 and notify is not None:
             notify(f"Ray: the cluster's nodes could not be listed; its {int(count)} GPUs are planned with an unknown memory size")
         return node_gpus(count, None, node="the cluster")
