@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,8 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None, *, first_rou
 
 
 HISTORY_DEVICE = "earlier runs"  # the cost tracker's name for runs finished before this sweep
+# The tails (a group's last-epoch report to its records) whose median is added to a paced group.
+TAILS_KEPT = 50
 
 
 class Progress:
@@ -173,6 +176,10 @@ class Progress:
         # fraction of its epochs done), the first and the latest)
         self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
         self._remembered: set[str] = set()  # run ids of `remember`ed runs
+        # a group's pace ends with its last epoch; its test evaluation and records come after:
+        # run id -> when its group reported its epochs done, and those tails, once they ended
+        self.trained_at: dict[str, float] = {}
+        self.tails: list[float] = []
         self.groups: dict[str, tuple[str, ...]] = {}  # run id -> the run ids of its queued group
         self.queue_order: dict[tuple[str, ...], int] = {}  # a queued group -> its place in the queue
         self._seen_kinds: set[str] = set()  # model kinds (`backends.model_kind`) of those
@@ -211,6 +218,8 @@ class Progress:
 
         totals = {run_id: extrapolate(reports) for run_id, (_size, reports) in self.paces.items()}
         paced = {run_id for run_id, total in totals.items() if total is not None}
+        tail = statistics.median(self.tails[-TAILS_KEPT:]) if self.tails else 0.0
+        totals = {run_id: None if total is None else total + tail for run_id, total in totals.items()}
         if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
             return Estimate(None, rough=True)
         now = self.clock()
@@ -276,6 +285,8 @@ class Progress:
             size, reports = self.paces.get(run_id, (len(live), []))  # the group's size at its first report
             report = (now - self.started_at[run_id] if age_s is None else float(age_s), float(done))
             self.paces[run_id] = (size, (reports[:1] + [report]) if reports else [report])
+            if done >= 1.0:
+                self.trained_at.setdefault(run_id, now)
 
     def fraction_done(self, run_id: str) -> float | None:
         """The latest progress its group reported (None: none yet)."""
@@ -285,6 +296,7 @@ class Progress:
     def started(self, run: PlannedRun, device: str = "this process") -> None:
         self.results.pop(run.run_id, None)  # a retry: running again, not finished
         self.paces.pop(run.run_id, None)
+        self.trained_at.pop(run.run_id, None)
         self.running[run.run_id] = (device, run)
         self.started_at[run.run_id] = self.clock()
         self.slots = max(self.slots, len({device for device, _run in self.running.values()}))
@@ -294,6 +306,9 @@ class Progress:
         device, _run = self.running.pop(record.run_id, ("", None))
         self.started_at.pop(record.run_id, None)
         self.paces.pop(record.run_id, None)
+        trained = self.trained_at.pop(record.run_id, None)
+        if trained is not None and not record.status.is_failure():
+            self.tails.append(max(0.0, self.clock() - trained))
         self.results[record.run_id] = record.status
         wall_s = record.timings.get("wall_s", 0.0)
         if not record.status.is_failure() and record.run_id in self.costs and wall_s > 0:
@@ -316,6 +331,7 @@ class Progress:
         """A run failed and is queued again (`--retries`): not counted until its last attempt."""
         device, _run = self.running.pop(record.run_id, ("", None))
         self.paces.pop(record.run_id, None)
+        self.trained_at.pop(record.run_id, None)
         last = (record.error or "").strip().splitlines()[-1:] or [""]
         self._write(
             f"  {device + ': ' if device else ''}{record.variant} seed={record.seed}: FAILED, retry {attempt}/{retries}: "

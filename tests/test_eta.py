@@ -222,6 +222,42 @@ def test_progress_has_an_eta_once_a_group_reports_its_pace(tmp_path, data_dir) -
     assert progress.eta_s() == pytest.approx(0.0)  # not "?": the other run is the same group
 
 
+def test_a_trained_group_s_tail_is_what_groups_took_after_their_last_epoch(tmp_path, data_dir) -> None:
+    """A group's pace ends with its last epoch; its test evaluation and records come after. Once
+    a group has finished here, that tail (from its last-epoch report to its records) is added to
+    each group still training, so a trained group is not said to be done (0:00) for its last
+    seconds; before any, nothing is added."""
+    import io
+
+    from harness.sweep import Progress, prepare_sweep
+    from harness.spec import load_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1))), data_dir=data_dir)
+    first, second = prepared.runs[0], prepared.runs[1]
+    now = [0.0]
+    progress = Progress([first, second], stream=io.StringIO(), clock=lambda: now[0])
+    progress.started(first, "cpu.0")
+    progress.started(second, "cpu.1")
+    now[0] = 10.0
+    progress.advanced([first.run_id], 0.5)
+    progress.advanced([second.run_id], 0.1)
+    now[0] = 20.0
+    progress.advanced([first.run_id], 1.0)  # trained: its test evaluation is under way
+    progress.advanced([second.run_id], 0.2)
+    assert progress.eta_s() == pytest.approx(20.0 + 0.8 * 100.0 - 20.0)  # no tail seen yet: none added
+    now[0] = 26.0
+    progress.finished(first.record(RunStatus.DONE, timings={"wall_s": 26.0}, metrics={"test_accuracy": 0.9}))
+    assert progress.eta_s() == pytest.approx(20.0 + 0.8 * 100.0 + 6.0 - 26.0)  # its 6-s tail added
+    now[0] = 100.0
+    progress.advanced([second.run_id], 1.0)
+    now[0] = 102.0
+    assert progress.eta_s() == pytest.approx(4.0)  # trained 2 s ago: 4 s of its tail left, not 0
+    now[0] = 110.0
+    assert progress.eta_s() == pytest.approx(0.0)  # past it: nothing left to say
+
+
 def test_an_estimate_of_runs_not_started_is_rough_until_the_model_is_fitted() -> None:
     tracker = CostTracker()
     cost = RunCost(10_000, 0)
