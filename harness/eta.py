@@ -31,8 +31,8 @@ PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
 # 0:00:00 (seen on a fused group of seed 000's 256x4 network, predicted from the 32x4 group).
 OVERDUE_FACTOR = 1.0
 OVERDUE_GRACE_S = 2.0
-# A group predicted from its own pace is overdue only 10% past it: its last epoch and the test
-# evaluation come after its last report.
+# A group predicted from its own pace (plus the tail groups take after their epochs,
+# `sweep.Progress.tail_s`) is overdue only 10% past it: the pace between two reports is noisy.
 EXTRAPOLATED_SLACK = 1.1
 # The cost model's features are chosen on at most this many distinct run costs (the latest).
 SELECTION_POINTS = 48

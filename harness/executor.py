@@ -115,7 +115,8 @@ class ProgressSink:
     def __call__(self, done: float) -> None:
         with self._lock:
             now = time.monotonic()
-            if self._closed or now - self._last_at < self._every_s:
+            first_done = done >= 1.0 > self._done  # the end of training, always sent (the ETA's tail starts there)
+            if self._closed or (now - self._last_at < self._every_s and not first_done):
                 return
             self._last_at, self._done = now, max(self._done, done)
             self._send(GroupProgress(self._group_id, self._done, now - self._start))

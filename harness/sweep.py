@@ -141,8 +141,8 @@ def format_plan(prepared: PreparedSweep, store: ResultStore | None, *, first_rou
 
 
 HISTORY_DEVICE = "earlier runs"  # the cost tracker's name for runs finished before this sweep
-# The tails (a group's last-epoch report to its records) whose median is added to a paced group.
-TAILS_KEPT = 50
+# The groups' tails (last-epoch report to records) whose median is added to a paced group.
+TAILS_KEPT = 20
 
 
 class Progress:
@@ -177,9 +177,10 @@ class Progress:
         self.paces: dict[str, tuple[int, list[tuple[float, float]]]] = {}
         self._remembered: set[str] = set()  # run ids of `remember`ed runs
         # a group's pace ends with its last epoch; its test evaluation and records come after:
-        # run id -> when its group reported its epochs done, and those tails, once they ended
+        # run id -> when its group reported its epochs done; model kind -> (device, that time) ->
+        # the group's tail, once its records came (one per group, however many runs it had)
         self.trained_at: dict[str, float] = {}
-        self.tails: list[float] = []
+        self.tails: dict[str, dict[tuple[str, float], float]] = {}
         self.groups: dict[str, tuple[str, ...]] = {}  # run id -> the run ids of its queued group
         self.queue_order: dict[tuple[str, ...], int] = {}  # a queued group -> its place in the queue
         self._seen_kinds: set[str] = set()  # model kinds (`backends.model_kind`) of those
@@ -218,8 +219,7 @@ class Progress:
 
         totals = {run_id: extrapolate(reports) for run_id, (_size, reports) in self.paces.items()}
         paced = {run_id for run_id, total in totals.items() if total is not None}
-        tail = statistics.median(self.tails[-TAILS_KEPT:]) if self.tails else 0.0
-        totals = {run_id: None if total is None else total + tail for run_id, total in totals.items()}
+        totals = {run_id: None if total is None else total + self.tail_s(run_id) for run_id, total in totals.items()}
         if not paced and not self._remembered and not any(not s.is_failure() for s in self.results.values()):
             return Estimate(None, rough=True)
         now = self.clock()
@@ -248,6 +248,14 @@ class Progress:
         if unseen and estimate.seconds is not None and not estimate.rough:
             return dataclasses.replace(estimate, rough=True)
         return estimate
+
+    def tail_s(self, run_id: str) -> float:
+        """What a group takes after its last epoch (test evaluation, records): the median over the
+        last `TAILS_KEPT` groups of its model kind finished here, else over every kind; 0 before."""
+        own = list(self.tails.get(self.kinds.get(run_id, ""), {}).values())
+        every = [t for tails in self.tails.values() for t in tails.values()]
+        seen = (own or every)[-TAILS_KEPT:]
+        return statistics.median(seen) if seen else 0.0
 
     def grouped(self, queue: Iterable[Sequence[str]]) -> None:
         """The dispatcher's queue, in order: the run ids of each group it will hand to one worker
@@ -308,7 +316,8 @@ class Progress:
         self.paces.pop(record.run_id, None)
         trained = self.trained_at.pop(record.run_id, None)
         if trained is not None and not record.status.is_failure():
-            self.tails.append(max(0.0, self.clock() - trained))
+            kind = self.tails.setdefault(self.kinds.get(record.run_id, ""), {})
+            kind.setdefault((device, trained), max(0.0, self.clock() - trained))
         self.results[record.run_id] = record.status
         wall_s = record.timings.get("wall_s", 0.0)
         if not record.status.is_failure() and record.run_id in self.costs and wall_s > 0:

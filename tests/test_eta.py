@@ -258,6 +258,43 @@ def test_a_trained_group_s_tail_is_what_groups_took_after_their_last_epoch(tmp_p
     assert progress.eta_s() == pytest.approx(0.0)  # past it: nothing left to say
 
 
+def test_a_fused_group_s_tail_counts_once_and_each_model_kind_has_its_own(tmp_path, data_dir) -> None:
+    """The records of a fused group arrive together: one tail, not one per run. A CNN group is
+    given the tails of CNN groups once one finished (until then those of any kind); a failed run
+    gives none."""
+    import io
+
+    from harness.sweep import Progress, prepare_sweep
+    from harness.spec import load_sweep
+
+    from conftest import tiny_sweep_text, write_sweep
+
+    prepared = prepare_sweep(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=3))), data_dir=data_dir)
+    mlp = [r for r in prepared.runs if r.variant.name == "mlp_32"]
+    cnn = [r for r in prepared.runs if r.variant.name == "cnn_8"]
+    now = [0.0]
+    progress = Progress(prepared.runs, stream=io.StringIO(), clock=lambda: now[0])
+
+    def group(runs, device, tail, status=RunStatus.DONE):
+        for run in runs:
+            progress.started(run, device)
+        now[0] += 10.0
+        progress.advanced([r.run_id for r in runs], 1.0)
+        now[0] += tail
+        for run in runs:
+            progress.finished(run.record(status, timings={"wall_s": 10.0 + tail}, metrics={"test_accuracy": 0.9},
+                                         error=None if status is RunStatus.DONE else "boom"))
+
+    group(mlp[:2], "cpu.0", 2.0)  # two runs, one tail of 2 s
+    group(mlp[2:], "cpu.0", 5.0)
+    assert progress.tail_s(cnn[0].run_id) == pytest.approx(3.5)  # no CNN yet: the median of both MLP groups
+    group(cnn[:1], "cpu.1", 30.0, RunStatus.FAILED)  # failed: no tail
+    assert progress.tail_s(cnn[0].run_id) == pytest.approx(3.5)
+    group(cnn[1:2], "cpu.1", 20.0)
+    assert progress.tail_s(cnn[2].run_id) == pytest.approx(20.0)  # the CNNs' own
+    assert progress.tail_s(mlp[0].run_id) == pytest.approx(3.5)  # the MLPs' own, unchanged
+
+
 def test_an_estimate_of_runs_not_started_is_rough_until_the_model_is_fitted() -> None:
     tracker = CostTracker()
     cost = RunCost(10_000, 0)

@@ -152,3 +152,15 @@ def test_a_groups_sink_sends_one_at_a_time_never_backwards_and_nothing_once_clos
     sink.close()
     sink(1.0)
     assert len(sent) == 400
+
+
+def test_the_end_of_training_is_always_sent_the_rest_at_most_once_a_second() -> None:
+    """Per-batch reports are throttled (at most one a second); the first report that the epochs
+    are done is sent whatever the throttle says (the ETA times a group's evaluation from it), once."""
+    from harness.executor import ProgressSink
+
+    sent: list[float] = []
+    sink = ProgressSink(lambda progress: sent.append(progress.done), 3, every_s=3600.0)
+    for done in (0.1, 0.5, 0.99, 1.0, 1.0):
+        sink(done)
+    assert sent == [0.1, 1.0]
