@@ -97,12 +97,35 @@ def connect(address: str | None) -> bool:
     if address is None:
         start_local_cluster()
         return True
+    unreachable = _unreachable(address)
+    if unreachable:  # Ray itself retries a dead address for minutes
+        raise UserError(f"cannot connect to the Ray cluster at {address!r}: {unreachable}", key="--address")
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, auth errors, bad address...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot connect to the Ray cluster at {address!r}: {first[:300]}", key="--address") from None
     return False
+
+
+CONNECT_CHECK_S = 10.0  # how long a cluster's host:port may take to accept a TCP connection
+
+
+def _unreachable(address: str, *, timeout_s: float = CONNECT_CHECK_S) -> str | None:
+    """Why nothing answers at `address` ("host:port", or "ray://host:port"), or None: it accepts a
+    TCP connection within `timeout_s`, or it is not of that form ("auto": Ray finds the cluster)."""
+    import socket
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} within {timeout_s:.0f} s ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def forwarded_env() -> dict[str, str]:

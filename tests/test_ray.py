@@ -54,6 +54,33 @@ def test_address_without_ray_executor_is_refused() -> None:
     assert result.exit_code == 2
 
 
+def test_an_address_where_nothing_answers_is_one_line_in_bounded_time(tmp_path: Path, data_dir: Path) -> None:
+    """Ray retries a dead address for minutes; the harness asks the port first: exit 2, one line
+    naming the address, within seconds, nothing written (a sweep and a dry run alike)."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on (bound, then closed)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_sweep_text(seeds=1, train=300, test=100))
+    for extra in ([], ["--dry-run"]):
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "harness", "sweep", str(sweep), "--store", str(tmp_path / "h.db"), "--data-dir",
+             str(data_dir), "--executor", "ray", "--address", f"127.0.0.1:{port}", *extra],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "nothing answers" in lines[0], result.stderr
+        assert time.monotonic() - started < 60
+        assert not (tmp_path / "h.db").exists()
+    from harness.ray_executor import _unreachable
+
+    assert _unreachable("auto") is None and _unreachable("ray://10.0.0.5") is None  # Ray's to resolve
+
+
 def test_gpus_on_ray_are_ray_s_to_give(tmp_path: Path) -> None:
     """--gpus names this machine's GPUs; on Ray it may only say none (CPU actors): anything else
     is one line, exit 2, before Ray is imported or anything written."""
