@@ -191,13 +191,14 @@ def fit_copies(
     judge = model if eval_model is None else eval_model
     for epoch in range(epochs):
         xs, ys = epoch_data(epoch)
+        x_fit, y_fit = (xs, ys) if n_copies > 1 else (xs[0], ys[0])  # one copy: one input, one output
         if epoch == 0:
-            build_compiled_state(model, xs if n_copies > 1 else xs[0], ys if n_copies > 1 else ys[0])
+            build_compiled_state(model, x_fit, y_fit)
             if validation is not None and judge is not model:
                 build_compiled_state(judge, _per_copy(validation[0], n_copies), _per_copy(validation[1], n_copies))
         fit = model.fit(
-            xs if n_copies > 1 else xs[0],
-            ys if n_copies > 1 else ys[0],
+            x_fit,
+            y_fit,
             batch_size=batch_size,
             epochs=1,
             shuffle=False,

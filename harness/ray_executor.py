@@ -142,7 +142,7 @@ def disconnect() -> None:
 
 
 # How long the driver waits for the GPU nodes to say what GPUs they have (`cluster_gpus`); a node
-# silent longer counts its GPUs with an unknown size, as a node without nvidia-smi does.
+# silent longer is sized as a node without nvidia-smi is: the smallest size the others listed.
 GPU_PROBE_TIMEOUT_S = 60.0
 
 
