@@ -5,6 +5,14 @@ time over the whole parameter vector. On a five-copy fused MLP (64x5, batch 32, 
 Adam's update was 2.7 ms of a 5.8 ms step (SGD without momentum: 3.0 ms). Here the update runs
 on one flat vector that holds every trainable variable, compiled by XLA into one loop: 3.3 ms.
 
+The flat vector is the parameters' master copy: it is read from the variables once, when the
+optimizer is built; each step joins the gradients inside the compiled call and writes the updated
+parts back into the variables. (Until 2026-12-01 each step also joined every variable into it, and
+the gradients into one vector, before the call: 3-8% slower on the notebooks' MLP groups,
+`benchmarks/bench_master_copy.py`.) So nothing else may write a trainable variable while the
+optimizer trains it. Keras does with weight decay and a moving average: optimizers configured with
+them keep Keras' own update (`WRITES_VARIABLES`). The harness writes none.
+
 The update's arithmetic is Keras' own (`update_step` of the same optimizer class), so the results
 are the same bits, with two conditions this module checks rather than assumes:
 - XLA's CPU code generator contracts `a * b + c` into fused multiply-adds (one rounding instead of
@@ -49,6 +57,12 @@ def may_flatten(optimizer_name: str) -> bool:
     memory estimate counts its parameter copies only then)."""
     return optimizer_name.lower() in {name.lower() for name in FLAT_OPTIMIZERS}
 
+
+# Settings under which Keras writes the model's variables itself, outside the update (weight decay
+# before each step; an exponential moving average over them, at its overwrite frequency and when
+# `fit` ends). The flat vector is the parameters' master copy between steps (read from the
+# variables once, when the optimizer is built), so those writes would be lost: Keras' own update.
+WRITES_VARIABLES = ("weight_decay", "use_ema")
 
 XLA_CPU_FLAG = "--xla_cpu_max_isa=SSE4_2"
 _CHECK_EPOCHS = 2  # of 6 steps
@@ -97,17 +111,21 @@ def flat_class(cls: type) -> type:
             for variable in variables:  # Keras checks every step that it knows the variables
                 self._trainable_variables_indices[self._var_key(variable)] = 0
             self._trainable_variables = variables
-            self._flat_step = tf.function(
-                lambda gradient: self.update_step(gradient, self._flat, self.learning_rate), jit_compile=True
-            )
+            with tf.init_scope():  # eager, also when Keras builds the optimizer inside its first trace
+                self._flat.assign(tf.concat([tf.reshape(v.value, [-1]) for v in variables], 0))
+
+            def step(gradients):  # the gradients are joined inside the compiled call, not before it
+                self.update_step(tf.concat([tf.reshape(g, [-1]) for g in gradients], 0), self._flat, self.learning_rate)
+
+            self._flat_step = tf.function(step, jit_compile=True)
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
             trainable_variables = list(trainable_variables)
             if [id(v) for v in trainable_variables] != [id(v) for v in self._flat_members]:
                 # Keras dropped a variable without a gradient: the flat layout no longer matches.
                 raise ValueError("a flat optimizer update needs a gradient for every trainable variable")
-            self._flat.assign(tf.concat([tf.reshape(v.value, [-1]) for v in trainable_variables], 0))
-            self._flat_step(tf.concat([tf.reshape(g, [-1]) for g in grads], 0))
+            # The flat vector is the parameters' master copy, read from the variables when built.
+            self._flat_step(list(grads))
             for variable, part in zip(trainable_variables, tf.split(self._flat.value, self._flat_sizes)):
                 variable.assign(tf.reshape(part, variable.shape))
 
@@ -169,6 +187,8 @@ def flat_optimizer(optimizer: Any) -> Any:
     if getattr(optimizer, "built", False) or tf.distribute.has_strategy():
         return optimizer
     config = optimizer.get_config()
+    if any(config.get(key) for key in WRITES_VARIABLES):
+        return optimizer
     try:
         key = check_key(config)
     except TypeError:  # a schedule or callable in the configuration: keep Keras' own update

@@ -136,6 +136,9 @@ CHOICES = """
         "sgd": keras.optimizers.SGD(momentum=0.9),
         "subclass": MyAdam(),
         "built": built,
+        # Keras writes the variables itself here (the flat vector, read once, would lose it)
+        "weight_decay": keras.optimizers.Adam(weight_decay=0.004),
+        "ema": keras.optimizers.Adam(use_ema=True),
         "adam": keras.optimizers.Adam(learning_rate=0.003),
     }
     out["kinds"] = {k: type(tf_update.flat_optimizer(v)).__name__ for k, v in candidates.items()}
@@ -174,7 +177,8 @@ def test_the_check_leaves_the_global_seed_alone(choices: dict) -> None:
 
 
 def test_only_checked_optimizers_and_fresh_ones_are_flattened(choices: dict) -> None:
-    assert choices["kinds"] == {"rmsprop": "RMSprop", "sgd": "SGD", "subclass": "MyAdam", "built": "Adam", "adam": "FlatAdam"}
+    assert choices["kinds"] == {"rmsprop": "RMSprop", "sgd": "SGD", "subclass": "MyAdam", "built": "Adam",
+                                "weight_decay": "Adam", "ema": "Adam", "adam": "FlatAdam"}
 
 
 def test_each_configuration_is_checked_once_per_process_whatever_the_optimizers_name(choices: dict) -> None:
