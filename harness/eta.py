@@ -22,10 +22,15 @@ import itertools
 import math
 from typing import Iterable, Sequence, Union
 
-# Priors for a 2-core CPU (issue 8: ~42 GFLOP/s reached; a few ms of dispatch per step).
-PRIOR_STEP_S = 0.003
-PRIOR_FLOPS_PER_S = 40e9
-PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
+# Priors for a 2-core CPU, per run: what today's engine takes there, each run one of 5 copies of a
+# fused group on TensorFlow, one core per worker (a least-squares fit to the 10 groups of
+# sweeps/seed_notebooks.yaml, 2026-12-01: 0.36 ms per step, 76 GFLOP/s, 0.9 s per run; the
+# fit's widest miss is the notebook CNN, 26 s predicted against 38 s). Issue 8's engine (one run
+# at a time, one round trip per step) took 3 ms per step at 40 GFLOP/s: with those, 10 epochs of
+# a batch-32 MLP started before the CNN, which then ran alone at the end of that sweep.
+PRIOR_STEP_S = 0.00036
+PRIOR_FLOPS_PER_S = 76e9
+PRIOR_RUN_S = 1.0  # building, compiling and evaluating a model
 # A device whose runs have taken longer than their prediction (+ OVERDUE_GRACE_S, for the poll's
 # jitter) is past what the model knows: the ETA is unknown ("?") rather than a count-down stuck at
 # 0:00:00 (seen on a fused group of seed 000's 256x4 network, predicted from the 32x4 group).

@@ -295,6 +295,21 @@ def test_a_step_bound_run_counts_its_steps_not_only_its_flops(prepared) -> None:
     assert order_longest_first([cnn, long_mlp])[0] is long_mlp
 
 
+def test_the_notebooks_groups_start_in_the_order_of_their_measured_times(data_dir: Path) -> None:
+    """The notebooks sweep on 2 workers (2026-12-01, TensorFlow, 5 seeds fused): its groups took
+    258 s (seed 004), 186 s (seed 000's 256x4), 188 s (the CNN), 132 s (seed 002), then 42 s and
+    less. Under issue 8's prior (3 ms a step) the 10-epoch, batch-32 64x2 (18,750 steps, 42 s)
+    came before the CNN (1,920 steps, 188 s), which then ran alone for the last 27 s. The prior
+    of today's engine starts the four long groups first, the CNN before every short one."""
+    from harness.execute import form_groups, order_groups
+
+    notebooks = prepare_sweep(load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "seed_notebooks.yaml"),
+                              data_dir=data_dir)
+    order = [group[0].variant.name for group in order_groups(form_groups(list(notebooks.runs), 5))]
+    assert order[:2] == ["seed004_mlp_64x5_raw", "seed000_256x4_sigmoid_raw"]
+    assert set(order[2:4]) == {"seed002_mlp_256x2_dropout", "seed001_cnn_12_20"}
+
+
 def test_progress_line_shows_device_activity(prepared) -> None:
     stream = io.StringIO()
     progress = Progress(prepared.runs, stream=stream, every_s=0.0)
