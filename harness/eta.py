@@ -22,15 +22,11 @@ import itertools
 import math
 from typing import Iterable, Sequence, Union
 
-# Priors for a 2-core CPU, per run: what today's engine takes there, each run one of 5 copies of a
-# fused group on TensorFlow, one core per worker (a least-squares fit to the 10 groups of
-# sweeps/seed_notebooks.yaml, 2026-12-01: 0.36 ms per step, 76 GFLOP/s, 0.9 s per run; the
-# fit's widest miss is the notebook CNN, 26 s predicted against 38 s). Issue 8's engine (one run
-# at a time, one round trip per step) took 3 ms per step at 40 GFLOP/s: with those, 10 epochs of
-# a batch-32 MLP started before the CNN, which then ran alone at the end of that sweep.
-PRIOR_STEP_S = 0.00036
-PRIOR_FLOPS_PER_S = 76e9
-PRIOR_RUN_S = 1.0  # building, compiling and evaluating a model
+# Priors for a 2-core CPU (issue 8: ~42 GFLOP/s reached; a few ms of dispatch per step): the ETA's
+# baseline, which its fits replace once they predict the runs seen better (see ORDER_PRIOR).
+PRIOR_STEP_S = 0.003
+PRIOR_FLOPS_PER_S = 40e9
+PRIOR_RUN_S = 2.0  # building, compiling and evaluating a model
 # A device whose runs have taken longer than their prediction (+ OVERDUE_GRACE_S, for the poll's
 # jitter) is past what the model knows: the ETA is unknown ("?") rather than a count-down stuck at
 # 0:00:00 (seen on a fused group of seed 000's 256x4 network, predicted from the 32x4 group).
@@ -108,6 +104,15 @@ class CostModel:
 
 
 PRIOR = CostModel(PRIOR_RUN_S, PRIOR_STEP_S, 1.0 / PRIOR_FLOPS_PER_S, "prior")
+# What orders a sweep's queue before any of its runs is known (`sweep.expected_seconds`): today's
+# engine on a 2-core CPU, per run of a 5-copy fused group on TensorFlow, one core per worker (a
+# least-squares fit to the 10 groups of sweeps/seed_notebooks.yaml, 2026-12-01: 0.36 ms per step,
+# 76 GFLOP/s, 0.94 s per run; its widest miss, the notebook CNN: 26 s said, 38 s taken). Under
+# PRIOR's 3 ms a step, a 42-s group of 18,750 small steps started before that sweep's 188-s CNN,
+# which then ran alone at the end. As the ETA's baseline it did worse: scaled to the runs seen, it
+# beat the fits in their leave-one-out and said 18-53% too much under `auto` (JAX's steps are
+# cheaper) where PRIOR's fits said within 8% (up to 19% too much in its last 40 s).
+ORDER_PRIOR = CostModel(1.0, 0.00036, 1.0 / 76e9, "order prior")
 _FEATURES = ("intercept_s", "step_s", "flop_s")
 
 

@@ -421,11 +421,11 @@ def planned_cost(run: PlannedRun):
 
 def expected_seconds(run: PlannedRun, known: "Expectation | None" = None) -> float:
     """A run's expected time before it starts: what `known` says (the store's runs measured on
-    this device), else the ETA's prior (steps and FLOPs). FLOPs alone put seed 004's step-bound
+    this device), else `eta.ORDER_PRIOR` (steps and FLOPs). FLOPs alone put seed 004's step-bound
     50-epoch, batch-32 MLP (94,000 steps) after far shorter runs, and it started last."""
-    from harness.eta import PRIOR
+    from harness.eta import ORDER_PRIOR
 
-    return known.seconds(run) if known is not None else PRIOR.predict(planned_cost(run))
+    return known.seconds(run) if known is not None else ORDER_PRIOR.predict(planned_cost(run))
 
 
 def order_longest_first(runs: Sequence[PlannedRun], known: "Expectation | None" = None) -> list[PlannedRun]:

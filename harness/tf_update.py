@@ -5,13 +5,14 @@ time over the whole parameter vector. On a five-copy fused MLP (64x5, batch 32, 
 Adam's update was 2.7 ms of a 5.8 ms step (SGD without momentum: 3.0 ms). Here the update runs
 on one flat vector that holds every trainable variable, compiled by XLA into one loop: 3.3 ms.
 
-The flat vector is the parameters' master copy: it is read from the variables once, when the
-optimizer is built; each step joins the gradients inside the compiled call and writes the updated
-parts back into the variables. (Until 2026-12-01 each step also joined every variable into it, and
-the gradients into one vector, before the call: 3-8% slower on the notebooks' MLP groups,
-`benchmarks/bench_master_copy.py`.) So nothing else may write a trainable variable while the
-optimizer trains it. Keras does with weight decay and a moving average: optimizers configured with
-them keep Keras' own update (`WRITES_VARIABLES`). The harness writes none.
+The flat vector is the parameters' master copy: it is read from the variables at the first step
+(and again after `read_variables`, which `fused.fit_copies` calls before each epoch); each step
+joins the gradients inside the compiled call and writes the updated parts back into the
+variables. (Until 2026-12-01 each step also joined every variable into it, and the gradients into
+one vector, before the call: 2-8% slower on nine of the notebooks' ten groups,
+`benchmarks/bench_master_copy.py`.) Keras itself writes the variables under weight decay and a
+moving average (optimizers configured with them keep Keras' own update) and for a variable with a
+constraint after each update (then every step reads them all again).
 
 The update's arithmetic is Keras' own (`update_step` of the same optimizer class), so the results
 are the same bits, with two conditions this module checks rather than assumes:
@@ -58,12 +59,6 @@ def may_flatten(optimizer_name: str) -> bool:
     return optimizer_name.lower() in {name.lower() for name in FLAT_OPTIMIZERS}
 
 
-# Settings under which Keras writes the model's variables itself, outside the update (weight decay
-# before each step; an exponential moving average over them, at its overwrite frequency and when
-# `fit` ends). The flat vector is the parameters' master copy between steps (read from the
-# variables once, when the optimizer is built), so those writes would be lost: Keras' own update.
-WRITES_VARIABLES = ("weight_decay", "use_ema")
-
 XLA_CPU_FLAG = "--xla_cpu_max_isa=SSE4_2"
 _CHECK_EPOCHS = 2  # of 6 steps
 
@@ -84,6 +79,13 @@ def xla_cpu_flag() -> Iterator[None]:
             os.environ.pop("XLA_FLAGS", None)
         else:
             os.environ["XLA_FLAGS"] = before
+
+
+def _joined(tensors: list[Any]) -> Any:
+    """One flat vector of `tensors`, in order."""
+    import tensorflow as tf
+
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
 
 
 @functools.cache
@@ -111,20 +113,41 @@ def flat_class(cls: type) -> type:
             for variable in variables:  # Keras checks every step that it knows the variables
                 self._trainable_variables_indices[self._var_key(variable)] = 0
             self._trainable_variables = variables
-            with tf.init_scope():  # eager, also when Keras builds the optimizer inside its first trace
-                self._flat.assign(tf.concat([tf.reshape(v.value, [-1]) for v in variables], 0))
+            with tf.init_scope():  # not a Keras variable: no state to save, not in Keras' lists
+                self._flat_read = tf.Variable(False, trainable=False, name="flat_parameters_read")
+            # Keras writes a constrained variable itself after each update (`apply`): read them all
+            # at every step then, as this update did before the master copy.
+            self._flat_rejoin = any(getattr(v, "constraint", None) is not None for v in variables)
 
             def step(gradients):  # the gradients are joined inside the compiled call, not before it
-                self.update_step(tf.concat([tf.reshape(g, [-1]) for g in gradients], 0), self._flat, self.learning_rate)
+                self.update_step(_joined(gradients), self._flat, self.learning_rate)
 
             self._flat_step = tf.function(step, jit_compile=True)
+
+        def read_variables(self):
+            """The next step reads the variables into the flat vector again (after a write to
+            them from outside the optimizer: `set_weights`, a restore)."""
+            if getattr(self, "_flat_read", None) is not None:
+                self._flat_read.assign(False)
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
             trainable_variables = list(trainable_variables)
             if [id(v) for v in trainable_variables] != [id(v) for v in self._flat_members]:
                 # Keras dropped a variable without a gradient: the flat layout no longer matches.
                 raise ValueError("a flat optimizer update needs a gradient for every trainable variable")
-            # The flat vector is the parameters' master copy, read from the variables when built.
+            values = [v.value for v in trainable_variables]
+            if self._flat_rejoin:
+                self._flat.assign(_joined(values))
+            else:
+                # The flat vector is the parameters' master copy: read from the variables at the
+                # first step (in the graph, so also where Keras creates the model's variables and
+                # builds this optimizer in its first trace), then only after `read_variables`.
+                def read():
+                    self._flat.assign(_joined(values))
+                    self._flat_read.assign(True)
+                    return tf.constant(True)
+
+                tf.cond(self._flat_read, lambda: tf.constant(False), read)
             self._flat_step(list(grads))
             for variable, part in zip(trainable_variables, tf.split(self._flat.value, self._flat_sizes)):
                 variable.assign(tf.reshape(part, variable.shape))
@@ -187,7 +210,10 @@ def flat_optimizer(optimizer: Any) -> Any:
     if getattr(optimizer, "built", False) or tf.distribute.has_strategy():
         return optimizer
     config = optimizer.get_config()
-    if any(config.get(key) for key in WRITES_VARIABLES):
+    # Keras writes the model's variables itself under weight decay (before each update, even at
+    # 0.0) and a moving average (at its overwrite frequency and when `fit` ends); the flat vector,
+    # the parameters' master copy between steps, would lose those writes: Keras' own update.
+    if config.get("weight_decay") is not None or config.get("use_ema"):
         return optimizer
     try:
         key = check_key(config)

@@ -22,11 +22,6 @@ from harness.eta import (
 )
 
 
-# The prior before 2026-12-01 (issue 8's engine: one run at a time, 3 ms a step, 40 GFLOP/s). The
-# tests of the fit's choices below replay what the ETA saw under it, so they keep it.
-ISSUE_8_PRIOR = CostModel(2.0, 0.003, 1.0 / 40e9, "prior")
-
-
 def test_run_cost_counts_steps_of_every_epoch() -> None:
     cost = run_cost(n_fit=800, batch_size=32, epochs=3, train_flops=7)
     assert cost == RunCost(steps=25 * 3, flops=7)
@@ -164,7 +159,7 @@ def test_repeats_of_one_cost_scale_the_prior_instead_of_fitting_one_time_for_eve
 
 
 def test_a_paced_group_predicts_itself_and_the_runs_not_started() -> None:
-    tracker = CostTracker(ISSUE_8_PRIOR)
+    tracker = CostTracker()
     cost = RunCost(10_000, 0)
     # a fused pair whose pace says 100 s in all (50 s a run), 40 s in; two more such runs pending
     paced = [Running("cpu.0", cost, 40.0, 100.0, 2)] * 2
@@ -497,7 +492,7 @@ def test_a_model_without_steps_is_not_stretched_to_runs_with_more_steps_per_flop
         (RunCost(9380, 1_935_360_000_000), 23.9),  # seed 002's 256x2 with dropout, batch 128
         (RunCost(93750, 1_209_600_000_000), 40.5),  # seed 004's 64x5, batch 32, 50 epochs
     ]
-    tracker = CostTracker(ISSUE_8_PRIOR)
+    tracker = CostTracker()
     for cost, seconds in seen:
         for _seed in range(5):
             tracker.observe("cpu.0", cost, seconds)
@@ -527,6 +522,6 @@ def test_the_two_rates_are_fitted_non_negative_so_a_fold_cannot_rule_them_out() 
         (RunCost(12000, 2_879_078_400_000), 34.4),
         (RunCost(18750, 197_683_200_000), 6.4),  # seed 003's 64x2, 10 epochs of batch 32
     ]
-    model = fit_cost_model([point for point in seen for _seed in range(5)], prior=ISSUE_8_PRIOR)
+    model = fit_cost_model([point for point in seen for _seed in range(5)])
     assert model.step_s > 0 and model.flop_s > 0 and model.intercept_s == 0
     assert 5 * model.predict(RunCost(9375, 98_841_600_000)) == pytest.approx(18.6, abs=0.2)  # 16.4 s in fact

@@ -70,6 +70,49 @@ TRAIN_BOTH_WAYS = """
             "equal": all(np.array_equal(a, b) for a, b in zip(*weights)),
             "moved": not all(np.array_equal(a, b) for a, b in zip(weights[0], model().get_weights())),
         }
+    # Where Keras creates the variables (and builds the optimizer) in its first trace; a variable
+    # with a constraint, which Keras writes itself after each update
+    for name, layers in [
+        ("adam_unbuilt", lambda: [keras.layers.Dense(7, activation="relu"), keras.layers.Dense(3, activation="softmax")]),
+        ("adam_constraint", lambda: [keras.Input((12,)), keras.layers.Dense(7, activation="relu", kernel_constraint=keras.constraints.NonNeg()),
+                                     keras.layers.Dense(3, activation="softmax")]),
+    ]:
+        weights, kinds = [], []
+        for flat in (False, True):
+            keras.utils.set_random_seed(7)
+            m = keras.Sequential(layers())
+            optimizer = tf_update.flat_optimizer(keras.optimizers.Adam(learning_rate=0.01)) if flat else keras.optimizers.Adam(learning_rate=0.01)
+            kinds.append(type(optimizer).__name__)
+            m.compile(optimizer=optimizer, loss="categorical_crossentropy", steps_per_execution=4)
+            m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+            weights.append(m.get_weights())
+        out[name] = {"kinds": kinds, "equal": all(np.array_equal(a, b) for a, b in zip(*weights))}
+
+    # Weights written between epochs (here by the epoch's data callback) of `fused.fit_copies`,
+    # which has the flat update read them again
+    from harness import fused
+    from harness.fused import fit_copies
+
+    weights, kinds = [], []
+    for flat in (False, True):
+        m = model()
+        optimizer = tf_update.flat_optimizer(keras.optimizers.Adam(learning_rate=0.01)) if flat else keras.optimizers.Adam(learning_rate=0.01)
+        kinds.append(type(optimizer).__name__)
+        # the loss metric `fit_copies` reads (without it the copy counts as diverged after epoch 0)
+        logged = keras.metrics.MeanMetricWrapper(keras.losses.categorical_crossentropy, name=fused.LOSS_METRIC)
+        m.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=[logged], steps_per_execution=4)
+        epochs_seen = []
+
+        def epoch_data(epoch, m=m):
+            epochs_seen.append(epoch)
+            if epoch == 1:
+                m.set_weights([w * 0.5 for w in m.get_weights()])
+            return [x], [y]
+
+        fit_copies(m, n_copies=1, epoch_data=epoch_data, epochs=3, batch_size=8)
+        weights.append(m.get_weights())
+    assert epochs_seen == [0, 1, 2], epochs_seen
+    out["adam_written"] = {"kinds": kinds, "equal": all(np.array_equal(a, b) for a, b in zip(*weights))}
     out["xla_flags_after"] = os.environ.get("XLA_FLAGS")
     print(json.dumps(out))
 """
@@ -83,6 +126,10 @@ def test_the_flat_update_trains_to_the_same_bits_as_keras_own() -> None:
     for name in ("sgd_nesterov", "sgd"):  # not flattened: Keras' own update, trivially the same bits
         assert out[name]["kinds"] == ["SGD", "SGD"] and out[name]["equal"], name
     assert out["xla_flags_after"] is None  # the flag was set only while XLA read it
+    # the flat vector reads the variables at the first step, at every step where Keras writes
+    # them itself (a constraint), and again after a write between epochs
+    for name in ("adam_unbuilt", "adam_constraint", "adam_written"):
+        assert out[name] == {"kinds": ["Adam", "FlatAdam"], "equal": True}, name
 
 
 def _has_fma() -> bool:
