@@ -324,22 +324,34 @@ def beyond_the_runs_seen(
     model without FLOPs and a run with fewer steps per FLOP than every run seen. Found on the
     notebooks sweep under `auto`: four big groups seen, FLOPs alone chosen, the six small MLPs left
     predicted at 7.6-15.9 s a group where they took 16-33 s (27-61% too little for two minutes);
-    the steps-and-FLOPs fit said 141 s for the six, 149 s in fact."""
-    if not pending or not model.source.startswith("fit") or (model.step_s > 0 and model.flop_s > 0):
+    the steps-and-FLOPs fit said 141 s for the six, 149 s in fact. Likewise a model with a
+    constant and a pending run that the steps-and-FLOPs fit puts below every run seen: the
+    notebooks sweep on TensorFlow with its four long groups first (2026-12-01) chose 30 s a run
+    plus steps from them, and said 10-11 minutes for a minute where 3-4 were left (the six
+    small groups at 30 s a run; they took 4-8 s)."""
+    if not pending or not model.source.startswith("fit"):
+        return model
+    if model.step_s > 0 and model.flop_s > 0 and model.intercept_s == 0:
         return model
     points = _mean_per_cost([(c, s) for c, s in observations if s > 0 and math.isfinite(s)])
     if not points:
         return model
     ratios = [_steps_per_flop(c) for c, _s in points]
     low, high = min(ratios), max(ratios)
-    past = any(
-        (model.step_s == 0 and _steps_per_flop(c) > high) or (model.flop_s == 0 and _steps_per_flop(c) < low)
-        for c in pending
-    )
-    if not past or len(points) < 2:
+    if len(points) < 2:
         return model
     both = _fit_subset(("step_s", "flop_s"), points, source=f"{model.source}, steps and FLOPs beyond the runs seen")
-    return dataclasses.replace(both, distinct=model.distinct) if both is not None else model
+    if both is None:
+        return model
+    shortest = min(s for _c, s in points)
+    past = any(
+        (model.step_s == 0 and _steps_per_flop(c) > high) or (model.flop_s == 0 and _steps_per_flop(c) < low)
+        # shorter than every run seen (by the rates alone): a constant fitted to longer runs is
+        # most of the prediction there
+        or (model.intercept_s > 0 and both.predict(c) < shortest)
+        for c in pending
+    )
+    return dataclasses.replace(both, distinct=model.distinct) if past else model
 
 
 def finish_time(free_in: Sequence[float], units: Iterable[float]) -> float:

@@ -525,3 +525,26 @@ def test_the_two_rates_are_fitted_non_negative_so_a_fold_cannot_rule_them_out() 
     model = fit_cost_model([point for point in seen for _seed in range(5)])
     assert model.step_s > 0 and model.flop_s > 0 and model.intercept_s == 0
     assert 5 * model.predict(RunCost(9375, 98_841_600_000)) == pytest.approx(18.6, abs=0.2)  # 16.4 s in fact
+
+
+def test_a_constant_fitted_to_long_runs_is_not_given_to_shorter_ones() -> None:
+    """The notebooks sweep on TensorFlow with its four long groups first (2026-12-01): two finished
+    (seed 000's 256x4, seed 004's 64x5), two paced (seed 002's MLP, the CNN). A constant plus
+    steps predicted those four best (30 s a run, 0.25 ms a step), so the six small MLPs pending,
+    4-8 s a run in fact, got 30 s each: the ETA said 10-11 minutes with 3-4 left. Where the
+    steps-and-FLOPs fit puts a pending run below every run seen, that fit is used instead."""
+    tracker = CostTracker()
+    big = {"256x4": RunCost(12000, 2_879_078_400_000), "64x5": RunCost(93750, 1_209_600_000_000),
+           "256x2": RunCost(9380, 1_935_360_000_000), "cnn": RunCost(1920, 1_849_441_536_000)}
+    for _seed in range(5):
+        tracker.observe("cpu.0", big["256x4"], 38.7)
+        tracker.observe("cpu.1", big["64x5"], 52.8)
+    running = [Running("cpu.0", big["256x2"], 91.0, 135.0, 5)] * 5 + [Running("cpu.1", big["cnn"], 21.0, 150.0, 5)] * 5
+    small = [RunCost(18750, 197_683_200_000), RunCost(12000, 205_056_000_000), RunCost(9600, 117_936_000_000),
+             RunCost(9375, 113_587_200_000), RunCost(9375, 98_841_600_000), RunCost(9375, 98_841_600_000)]
+    pooled = fit_cost_model([(c, s) for c, s in [(big["256x4"], 38.7), (big["64x5"], 52.8), (big["256x2"], 27.0),
+                                                 (big["cnn"], 30.0)] for _seed in range(5)])
+    assert pooled.intercept_s > 20  # what leave-one-out chooses from the four
+    eta = tracker.eta_s(pending=[[c] * 5 for c in small], running=running, slots=2)
+    # the groups took 44 (cpu.0: 256x2 left) + 40 + 37 + 34 + 28 + 23 + 24 s; the two workers about 3.5 minutes
+    assert 150 < eta < 260
