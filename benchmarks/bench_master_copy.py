@@ -1,8 +1,8 @@
 """TensorFlow's flat optimizer update two ways, side by side in one invocation: as it was until
 2026-12-01 (each step joined every variable into the flat vector, and every gradient into one
 vector, before the compiled call) and as it is (`harness.tf_update`: the flat vector is the
-parameters' master copy, read from the variables at the first step of each epoch; the
-gradients are joined inside the compiled call).
+parameters' master copy, read from the variables when the optimizer is built and before each
+epoch; the gradients are joined inside the compiled call).
 
 Each variant's seeds train as one fused group (`harness.fused.train_group`, as a sweep's worker
 does) with `--epochs` epochs on full MNIST, in one fresh TensorFlow process with one thread (a

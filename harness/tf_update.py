@@ -5,8 +5,9 @@ time over the whole parameter vector. On a five-copy fused MLP (64x5, batch 32, 
 Adam's update was 2.7 ms of a 5.8 ms step (SGD without momentum: 3.0 ms). Here the update runs
 on one flat vector that holds every trainable variable, compiled by XLA into one loop: 3.3 ms.
 
-The flat vector is the parameters' master copy: it is read from the variables at the first step
-(and again after `read_variables`, which `fused.fit_copies` calls before each epoch); each step
+The flat vector is the parameters' master copy: it is read from the variables when the optimizer
+is built (built inside Keras' first trace, where the variables have no value yet: at the first
+step) and again by `read_variables`, which `fused.fit_copies` calls before each epoch; each step
 joins the gradients inside the compiled call and writes the updated parts back into the
 variables. (Until 2026-12-01 each step also joined every variable into it, and the gradients into
 one vector, before the call: 2-8% slower on nine of the notebooks' ten groups,
@@ -113,11 +114,20 @@ def flat_class(cls: type) -> type:
             for variable in variables:  # Keras checks every step that it knows the variables
                 self._trainable_variables_indices[self._var_key(variable)] = 0
             self._trainable_variables = variables
-            with tf.init_scope():  # not a Keras variable: no state to save, not in Keras' lists
-                self._flat_read = tf.Variable(False, trainable=False, name="flat_parameters_read")
             # Keras writes a constrained variable itself after each update (`apply`): read them all
             # at every step then, as this update did before the master copy.
             self._flat_rejoin = any(getattr(v, "constraint", None) is not None for v in variables)
+            # Built inside a trace (Keras builds the optimizer in its first step where it creates
+            # the model's variables there too): they have no value to read yet, so the step reads
+            # them in the graph, at the first step and after `read_variables` (a flag).
+            self._flat_in_graph = tf.inside_function()
+            self._flat_read = None
+            if self._flat_in_graph:
+                with tf.init_scope():  # not a Keras variable: no state to save, not in Keras' lists
+                    self._flat_read = tf.Variable(False, trainable=False, name="flat_parameters_read")
+            elif not self._flat_rejoin:
+                with tf.init_scope():
+                    self._flat.assign(_joined([v.value for v in variables]))
 
             def step(gradients):  # the gradients are joined inside the compiled call, not before it
                 self.update_step(_joined(gradients), self._flat, self.learning_rate)
@@ -125,23 +135,27 @@ def flat_class(cls: type) -> type:
             self._flat_step = tf.function(step, jit_compile=True)
 
         def read_variables(self):
-            """The next step reads the variables into the flat vector again (after a write to
-            them from outside the optimizer: `set_weights`, a restore)."""
-            if getattr(self, "_flat_read", None) is not None:
+            """Read the variables into the flat vector again (after a write to them from outside
+            the optimizer: `set_weights`, a restore); eager, or at the next step (`_flat_in_graph`)."""
+            if not getattr(self, "built", False) or self._flat_rejoin:
+                return
+            if self._flat_read is not None:
                 self._flat_read.assign(False)
+            else:
+                self._flat.assign(_joined([v.value for v in self._flat_members]))
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
             trainable_variables = list(trainable_variables)
             if [id(v) for v in trainable_variables] != [id(v) for v in self._flat_members]:
                 # Keras dropped a variable without a gradient: the flat layout no longer matches.
                 raise ValueError("a flat optimizer update needs a gradient for every trainable variable")
+            # The flat vector is the parameters' master copy: read from the variables when the
+            # optimizer was built (or, built in a trace, at its first step), then only after
+            # `read_variables`; at every step where Keras writes a constrained variable itself.
             values = [v.value for v in trainable_variables]
             if self._flat_rejoin:
                 self._flat.assign(_joined(values))
-            else:
-                # The flat vector is the parameters' master copy: read from the variables at the
-                # first step (in the graph, so also where Keras creates the model's variables and
-                # builds this optimizer in its first trace), then only after `read_variables`.
+            elif self._flat_read is not None:
                 def read():
                     self._flat.assign(_joined(values))
                     self._flat_read.assign(True)
