@@ -334,12 +334,10 @@ def beyond_the_runs_seen(
     if model.step_s > 0 and model.flop_s > 0 and model.intercept_s == 0:
         return model
     points = _mean_per_cost([(c, s) for c, s in observations if s > 0 and math.isfinite(s)])
-    if not points:
+    if len(points) < 2:
         return model
     ratios = [_steps_per_flop(c) for c, _s in points]
     low, high = min(ratios), max(ratios)
-    if len(points) < 2:
-        return model
     both = _fit_subset(("step_s", "flop_s"), points, source=f"{model.source}, steps and FLOPs beyond the runs seen")
     if both is None:
         return model

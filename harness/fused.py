@@ -189,8 +189,8 @@ def fit_copies(
     histories: list[dict[str, list[float]]] = [{} for _ in range(n_copies)]
     diverged: list[int | None] = [None] * n_copies
     judge = model if eval_model is None else eval_model
-    # TensorFlow's flat update keeps the parameters' master copy (`harness.tf_update`): its first
-    # step of each epoch reads the variables again, so a write to them between epochs counts
+    # TensorFlow's flat update keeps the parameters' master copy (`harness.tf_update`): it reads
+    # the variables again before each epoch, so a write to them between epochs counts
     read_variables = getattr(getattr(model, "optimizer", None), "read_variables", None)
     for epoch in range(epochs):
         xs, ys = epoch_data(epoch)

@@ -152,12 +152,11 @@ def flat_class(cls: type) -> type:
             # The flat vector is the parameters' master copy: read from the variables when the
             # optimizer was built (or, built in a trace, at its first step), then only after
             # `read_variables`; at every step where Keras writes a constrained variable itself.
-            values = [v.value for v in trainable_variables]
             if self._flat_rejoin:
-                self._flat.assign(_joined(values))
+                self._flat.assign(_joined([v.value for v in trainable_variables]))
             elif self._flat_read is not None:
                 def read():
-                    self._flat.assign(_joined(values))
+                    self._flat.assign(_joined([v.value for v in trainable_variables]))
                     self._flat_read.assign(True)
                     return tf.constant(True)
 
