@@ -158,7 +158,8 @@ def time_steps(kind: str, *, epochs: int = 2) -> float:
     from harness.architecture import summarize_model
 
     summary = summarize_model(config, input_shape=(28, 28), num_classes=10)
-    options = fit_options(batch_size=batch, n_fit=n, train_flops_per_example=summary.train_flops(examples=1, epochs=1))
+    options = fit_options(backend=keras.backend.backend(), batch_size=batch, n_fit=n,
+                          train_flops_per_example=summary.train_flops(examples=1, epochs=1))
     model.compile(optimizer=make_optimizer(config.optimizer, flat_update=True), loss="categorical_crossentropy",
                   steps_per_execution=options.steps_per_execution)
     times: list[float] = []

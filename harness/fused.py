@@ -421,11 +421,12 @@ def _train_fused(
         validation_split=variant.validation_split,
     )
     options = fit_options(
+        backend=first.backend.backend,
         batch_size=variant.batch_size,
         n_fit=inputs.n_fit,
         n_val=0 if inputs.x_val is None else len(inputs.x_val),
         n_test=len(inputs.x_test),
-        # a fused step does the work of n copies: the per-execution FLOP cap counts them all
+        # a fused step does the work of n copies: JAX's per-execution FLOP cap counts them all
         train_flops_per_example=n * first.summary.train_flops(examples=1, epochs=1),
     )
     optimizer = make_optimizer(config.optimizer, flat_update=FLAT_UPDATE and layout is not None)

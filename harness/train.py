@@ -24,7 +24,12 @@ NEAR_CHANCE_FACTOR = 1.5  # accuracy below 1.5x chance level is flagged as a col
 # execution, benchmarks/bench_backends.py); never more steps than an epoch has.
 EXAMPLES_PER_EXECUTION = 2048
 MAX_STEPS_PER_EXECUTION = 64
-FLOPS_PER_EXECUTION = 1e9  # a step of more than this (the CNN at batch 128: ~8 GFLOP) runs alone
+# Keras' JAX trainer unrolls an execution's steps into one compiled program, whose compile time
+# grows with them (5 fused MLP copies x 64 steps had not compiled after 10 minutes): there a step
+# of more than this (the CNN at batch 128: ~8 GFLOP) runs alone. TensorFlow runs an execution as
+# a loop (no cost per step to compile) and gains from it on compute-bound steps too; Keras'
+# PyTorch trainer takes only 1.
+FLOPS_PER_EXECUTION = 1e9
 EVAL_BATCH_SIZE = 2048  # evaluation has no updates: large batches, few round trips
 
 
@@ -170,17 +175,20 @@ def build_compiled_state(model: Any, x: Any, y: Any) -> None:
 
 
 def fit_options(
-    *, batch_size: int, n_fit: int, n_val: int = 0, n_test: int = 0, train_flops_per_example: int = 0
+    *, backend: str, batch_size: int, n_fit: int, n_val: int = 0, n_test: int = 0, train_flops_per_example: int = 0
 ) -> FitOptions:
-    """How a run is driven: `steps_per_execution` so that small steps are not dispatch bound (each
-    host round trip trains about `EXAMPLES_PER_EXECUTION` examples, at most an epoch's steps, and
-    no more steps than make `FLOPS_PER_EXECUTION` when the model's FLOPs are known: a large conv
-    step is compute bound already), and large, even evaluation batches. Neither changes the
-    updates: the same batches in the same order."""
+    """How a run is driven on Keras backend `backend`: `steps_per_execution` so that small steps
+    are not dispatch bound (each host round trip trains about `EXAMPLES_PER_EXECUTION` examples,
+    at most an epoch's steps; on JAX no more steps than make `FLOPS_PER_EXECUTION` when the
+    model's FLOPs are known, its compile time grows with them; on PyTorch 1, all Keras takes),
+    and large, even evaluation batches. Neither changes the updates: the same batches in the same
+    order."""
     steps_per_epoch = max(1, math.ceil(n_fit / batch_size))
     spe = min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size)
-    if train_flops_per_example > 0:
+    if backend == "jax" and train_flops_per_example > 0:
         spe = min(spe, math.ceil(FLOPS_PER_EXECUTION / (train_flops_per_example * batch_size)))
+    if backend == "torch":
+        spe = 1
     spe = max(1, spe)
     largest = max(batch_size, EVAL_BATCH_SIZE)
     return FitOptions(
@@ -252,6 +260,7 @@ def train_compiled_builder(run: PlannedRun, dataset: Dataset, *, not_fused: str 
             dataset, preprocess=config.preprocess, images=images, loss=loss_kind, validation_split=run.variant.validation_split
         )
         options = fit_options(
+            backend=run.backend.backend,
             batch_size=run.variant.batch_size,
             n_fit=inputs.n_fit,
             n_val=0 if inputs.x_val is None else len(inputs.x_val),

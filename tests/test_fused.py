@@ -90,7 +90,7 @@ def test_a_copy_fed_nan_diverges_alone() -> None:
     runs = [r for r in prepare_sweep(spec, data_dir=_data_dir()).runs if r.variant.name == "mlp_32"]
     records = [
         copy_record(run, CopyResult(h, d, loss, 0.5), share={"setup_s": 0.1, "train_s": 1.0, "eval_s": 0.1, "wall_s": 1.2},
-                    group_wall_s=2.4, n=2, params=10, options=fit_options(batch_size=64, n_fit=1800), n_fit=1800,
+                    group_wall_s=2.4, n=2, params=10, options=fit_options(backend="tensorflow", batch_size=64, n_fit=1800), n_fit=1800,
                     num_classes=10, started_at="t", device="cpu", versions={})
         for run, h, d, loss in zip(runs, hist, diverged, (0.7, float("nan")))
     ]
