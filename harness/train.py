@@ -183,6 +183,10 @@ def fit_options(
     model's FLOPs are known, its compile time grows with them; on PyTorch 1, all Keras takes),
     and large, even evaluation batches. Neither changes the updates: the same batches in the same
     order."""
+    from harness.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"no Keras backend {backend!r} (one of {', '.join(BACKENDS)})")
     steps_per_epoch = max(1, math.ceil(n_fit / batch_size))
     spe = min(MAX_STEPS_PER_EXECUTION, steps_per_epoch, EXAMPLES_PER_EXECUTION // batch_size)
     if backend == "jax" and train_flops_per_example > 0:

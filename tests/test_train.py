@@ -28,7 +28,8 @@ def test_real_run_records_everything(backend: str, tmp_path: Path, data_dir: Pat
     record = train_on(backend, run, prepared)
     assert record.status is RunStatus.DONE, record.error
     assert record.run_id == run.run_id and record.variant == "cnn_8" and record.seed == 0
-    assert 0.3 < record.test_accuracy <= 1.0  # it learned (chance: 0.1; seed 0 on PyTorch: 0.43)
+    # it learned (chance: 0.1); PyTorch's seed 0 draws other initial weights and ends at 0.43
+    assert (0.3 if backend == "torch" else 0.5) < record.test_accuracy <= 1.0
     assert record.metrics["params"] == run.summary.params
     assert record.metrics["estimated_train_flops"] > 0 and record.metrics["examples_per_s"] > 0
     assert set(record.history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
@@ -135,6 +136,8 @@ def test_fit_options_cut_round_trips_without_changing_batches() -> None:
     # TensorFlow runs them in a loop: the same round trips as any step
     assert spe("tensorflow", batch_size=128, n_fit=54000, train_flops_per_example=65_000_000) == 16
     assert spe("torch", batch_size=32, n_fit=54000) == 1  # Keras' PyTorch trainer takes no other
+    with pytest.raises(ValueError, match="no Keras backend 'auto'"):  # resolved when planned, never here
+        spe("auto", batch_size=32, n_fit=54000)
     options = train.fit_options(backend="tensorflow", batch_size=32, n_fit=100)
     assert options.eval_batch_size == train.EVAL_BATCH_SIZE
     assert train.fit_options(backend="tensorflow", batch_size=4096, n_fit=100).eval_batch_size == 4096
